@@ -1,0 +1,31 @@
+"""``python -m wise_bench [overrides]``: one lifelong-editing run (or a sweep with -m)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from wise_bench.config import register_configs
+from wise_bench.errors import UserError
+
+log = logging.getLogger("wise_bench")
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from wise_bench.loop import run  # heavy imports (torch, transformers) after Hydra parsed the CLI
+
+    try:
+        results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    return results.get("avg", float("nan"))  # the value a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Structured configs: the schema every YAML under conf/ is validated against.
+
+A key that is not declared here, or a value of the wrong type, fails when Hydra composes the
+config, before any data or model is loaded. A method's schema lives next to the method
+(``wise_bench/methods/<file>.py``) and is checked as soon as the method is known.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DType(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DataFormat(str, enum.Enum):
+    zsre = "zsre"
+    hallucination = "hallucination"
+    temporal = "temporal"
+    counterfact = "counterfact"
+
+
+class MetricName(str, enum.Enum):
+    rel = "rel"  # teacher-forced token accuracy of the new target on the edit prompt
+    gen = "gen"  # same on the paraphrase
+    loc = "loc"  # argmax agreement with the unedited model on the locality pair
+    portability = "portability"
+    ppl = "ppl"  # perplexity of the new target (Hallucination)
+    ood = "ood"  # share of OOD rephrases with loss below -log 0.8 (Temporal)
+
+
+class EditModeKind(str, enum.Enum):
+    single = "single"
+    sequential = "sequential"
+    batch = "batch"
+
+
+class LoggerKind(str, enum.Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+@dataclass
+class RandomInitConfig:
+    """A LLaMA-architecture model with random weights and a byte-level tokenizer, built in-process."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hub id or local directory; a relative path is looked up from the repository root first.
+    name_or_path: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    dtype: DType = DType.float32
+    random_init: Optional[RandomInitConfig] = None
+    # Edited module(s) per method family, as the literature writes them, e.g.
+    # {wise: "model.layers[27].mlp.down_proj", memit: ["model.layers[4].mlp.down_proj", ...]}.
+    edit_layers: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    format: DataFormat = MISSING
+    edit_file: str = MISSING  # relative to data_dir
+    # Source of the "irrelevant" texts (loc + " " + loc_ans) some methods train against.
+    train_file: Optional[str] = None
+    metrics: List[MetricName] = field(default_factory=lambda: [MetricName.rel, MetricName.gen, MetricName.loc])
+
+
+@dataclass
+class EditModeConfig:
+    kind: EditModeKind = EditModeKind.sequential
+    batch_size: int = 1  # requests per edit step (edit_mode=batch)
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.none
+    project: str = "wise-bench"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    # Validated against the chosen method's own dataclass (``Method.Config``) by ``loop.method_config``.
+    method: Any = MISSING
+    dataset: DatasetConfig = MISSING
+    edit_mode: EditModeConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    num_edits: int = 100
+    eval_every: int = 25
+    seed: int = 0
+    data_dir: str = "${oc.env:WISE_BENCH_DATA_DIR,${repo_root:}/data}"
+    device: Device = Device.auto
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    ConfigStore.instance().store(name="base_config", node=Config)

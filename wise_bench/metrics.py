@@ -1,0 +1,239 @@
+"""Scorers of ../spec/metrics.md: teacher-forced token accuracy, locality agreement, perplexity, OOD.
+
+All scores come from one teacher-forced forward pass over ``prompt + " " + target``. Evaluation is
+batched with left padding and explicit position ids, so every request gets exactly the values it
+would get alone; sequences are sorted by length so that batches carry little padding.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from wise_bench.config import DataFormat, MetricName
+from wise_bench.data import Request, field_error
+
+# Names stored with every value, so that numbers from different protocols are never mixed.
+SCORERS = {
+    "rel": "teacher_forced_token_acc",
+    "gen": "teacher_forced_token_acc",
+    "portability": "teacher_forced_token_acc",
+    "loc": "argmax_agreement_with_unedited",
+    "ppl": "target_ppl_clipped_at_100",
+    "ood": "frac_mean_nll_below_-log0.8",
+}
+PPL_CLIP = 100.0
+OOD_NLL_THRESHOLD = -math.log(0.8)  # WISE paper, Table 5
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of ``prompt + " " + target`` and the positions of the target tokens in them."""
+
+    ids: tuple[int, ...]
+    target_pos: tuple[int, ...]
+
+
+def encode_pair(tokenizer, prompt: str, target: str) -> Encoded:
+    """Tokenise the joined text once; target tokens are those holding a character of the target.
+
+    Tokenising the joined text (not prompt and target apart) keeps the merges the model sees at the
+    boundary; character offsets then say where the target starts, for any fast tokenizer. A token
+    that is only the separating space (byte-level tokenizers without merges) is not a target token.
+    """
+    enc = tokenizer(f"{prompt} {target}", return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    special = tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
+    cut = len(prompt) + 1  # the separating space
+    target_pos = tuple(
+        i for i, ((_, end), sp) in enumerate(zip(enc["offset_mapping"], special)) if i > 0 and not sp and end > cut
+    )
+    return Encoded(tuple(ids), target_pos)
+
+
+@dataclass
+class TokenScores:
+    pred: list[int]  # argmax prediction at each target position
+    gold: list[int]  # the target tokens
+    nll: list[float]  # -log p(gold) at each target position
+
+
+@dataclass
+class TokenBatch:
+    """A left-padded batch; position ids count real tokens only, so padding never shifts positions."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    target_mask: torch.Tensor  # True at target-token positions
+
+    @classmethod
+    def build(cls, seqs: Sequence[Encoded], pad_id: int, device) -> "TokenBatch":
+        width = max(len(s.ids) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        target = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for row, s in enumerate(seqs):
+            shift = width - len(s.ids)
+            ids[row, shift:] = torch.tensor(s.ids, dtype=torch.long)
+            mask[row, shift:] = 1
+            target[row, [shift + p for p in s.target_pos]] = True
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return cls(ids.to(device), mask.to(device), positions.to(device), target.to(device))
+
+    def logits(self, model: nn.Module) -> torch.Tensor:
+        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids).logits
+
+    def target_logprobs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities predicting each target token (from the previous position's logits).
+
+        Returns (logp [N, vocab], gold [N], row [N]) over the N target tokens of the batch, row-major,
+        so each row's tokens come in order. Only target positions are normalised (memory: N x vocab).
+        """
+        rows, cols = self.target_mask.nonzero(as_tuple=True)
+        logp = torch.log_softmax(logits[rows, cols - 1].float(), dim=-1)
+        return logp, self.input_ids[rows, cols], rows
+
+    def mean_target_nll(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mean NLL of the target tokens (differentiable), shape [batch]."""
+        logp, gold, rows = self.target_logprobs(logits)
+        nll = -logp.gather(-1, gold[:, None])[:, 0]
+        total = torch.zeros(len(self.input_ids), device=nll.device).index_add(0, rows, nll)
+        return total / self.target_mask.sum(-1)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def teacher_forced(model: nn.Module, seqs: Sequence[Encoded], pad_id: int, batch_size: int) -> list[TokenScores]:
+    """One forward pass per batch; for each sequence, predictions and NLL at its target positions."""
+    device = next(model.parameters()).device
+    out: list[TokenScores | None] = [None] * len(seqs)
+    for batch_idx in length_sorted_batches([len(s.ids) for s in seqs], batch_size):
+        batch = TokenBatch.build([seqs[i] for i in batch_idx], pad_id, device)
+        logp, gold, rows = batch.target_logprobs(batch.logits(model))
+        nll = -logp.gather(-1, gold[:, None])[:, 0]
+        pred = logp.argmax(-1)
+        for row, i in enumerate(batch_idx):
+            at = rows == row
+            out[i] = TokenScores(pred=pred[at].tolist(), gold=gold[at].tolist(), nll=nll[at].tolist())
+    return out  # type: ignore[return-value]
+
+
+# --- per-request scores from token scores (pure; hand-checked in tests) ----------------------------
+
+
+def token_accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
+    return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+
+
+def agreement(post: Sequence[int], pre: Sequence[int]) -> float:
+    return sum(a == b for a, b in zip(post, pre)) / len(pre)
+
+
+def perplexity(nll: Sequence[float]) -> float:
+    return math.exp(sum(nll) / len(nll))
+
+
+def below_ood_threshold(nll: Sequence[float]) -> float:
+    return float(sum(nll) / len(nll) < OOD_NLL_THRESHOLD)
+
+
+def aggregate(rows: Iterable[dict]) -> dict[str, float]:
+    """Mean of each per-request score over the requests that have it; PPL clipped, with raw stats."""
+    rows = list(rows)
+    out: dict[str, float] = {}
+    for key in ("rel", "gen", "loc", "portability", "ood"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[key] = sum(values) / len(values)
+    ppls = [r["ppl"] for r in rows if r.get("ppl") is not None]
+    if ppls:
+        out["ppl"] = sum(min(p, PPL_CLIP) for p in ppls) / len(ppls)
+        out["ppl_unclipped"] = sum(ppls) / len(ppls)
+        out["ppl_median"] = statistics.median(ppls)
+    core = [out[k] for k in ("rel", "gen", "loc") if k in out]
+    if core:
+        out["avg"] = sum(core) / len(core)
+    return out
+
+
+# --- the evaluator used by the edit loop -----------------------------------------------------------
+
+
+class Evaluator:
+    """Scores requests on the current model. Texts are tokenised once, at construction.
+
+    Construction also validates that every scored target has at least one token, raising a
+    DataError that names the file, record and field; it needs only the tokenizer, not the model.
+    """
+
+    def __init__(self, tokenizer, requests: Sequence[Request], fmt: DataFormat, metrics: Iterable, batch_size: int):
+        self.metrics = {MetricName(m).value for m in metrics}
+        self.pad_id = tokenizer.pad_token_id
+        self.batch_size = batch_size
+        # Per request: (metric key, Encoded) for every text it is scored on.
+        self.items: list[list[tuple[str, Encoded]]] = []
+        for req in requests:
+            texts = [("rel", req.prompt, req.target_new, "target_new")]
+            if req.loc_answer.strip():
+                texts.append(("loc", req.loc_prompt, req.loc_answer, "loc_answer"))
+            if "gen" in self.metrics and req.rephrase_prompt:
+                texts.append(("gen", req.rephrase_prompt, req.target_new, "target_new"))
+            if "ood" in self.metrics and req.ood_prompt:
+                texts.append(("ood", req.ood_prompt, req.target_new, "target_new"))
+            if "portability" in self.metrics:
+                texts += [("portability", q, a, "portability") for q, a in req.portability]
+            encoded = []
+            for key, prompt, target, attr in texts:
+                enc = encode_pair(tokenizer, prompt, target)
+                if not enc.target_pos:
+                    raise field_error(fmt, req, attr, f"target {target!r} tokenizes to no tokens after the prompt")
+                encoded.append((key, enc))
+            self.items.append(encoded)
+        self.loc_before: dict[int, list[int]] | None = None
+
+    def record_unedited_locality(self, model: nn.Module) -> None:
+        """Argmax tokens of the unedited model on every locality text (computed once per run)."""
+        locs = {i: enc for i, items in enumerate(self.items) for key, enc in items if key == "loc"}
+        scores = teacher_forced(model, list(locs.values()), self.pad_id, self.batch_size)
+        self.loc_before = {i: s.pred for i, s in zip(locs, scores)}
+
+    def score(self, model: nn.Module, indices: Sequence[int]) -> list[dict]:
+        """Per-request scores (one dict per index) on the model as it is now."""
+        if self.loc_before is None:
+            raise RuntimeError("record_unedited_locality must run on the unedited model first")
+        flat = [(i, key, enc) for i in indices for key, enc in self.items[i]]
+        scores = teacher_forced(model, [enc for _, _, enc in flat], self.pad_id, self.batch_size)
+        rows = {i: {"index": i} for i in indices}
+        portability: dict[int, list[float]] = {}
+        for (i, key, _), s in zip(flat, scores):
+            row = rows[i]
+            if key == "loc":
+                if "loc" in self.metrics:
+                    row["loc"] = agreement(s.pred, self.loc_before[i])
+            elif key == "rel":
+                if "rel" in self.metrics:
+                    row["rel"] = token_accuracy(s.pred, s.gold)
+                if "ppl" in self.metrics:
+                    row["ppl"] = perplexity(s.nll)
+            elif key == "gen":
+                row["gen"] = token_accuracy(s.pred, s.gold)
+            elif key == "ood":
+                row["ood"] = below_ood_threshold(s.nll)
+            elif key == "portability":
+                portability.setdefault(i, []).append(token_accuracy(s.pred, s.gold))
+        for i, accs in portability.items():
+            rows[i]["portability"] = sum(accs) / len(accs)
+        return [rows[i] for i in indices]
+
+    def evaluate(self, model: nn.Module, indices: Sequence[int]) -> tuple[dict[str, float], list[dict]]:
+        rows = self.score(model, indices)
+        return aggregate(rows), rows
