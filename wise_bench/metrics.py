@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from wise_bench.config import DataFormat, MetricName
 from wise_bench.data import Request, field_error
@@ -116,7 +117,8 @@ def teacher_forced(model: nn.Module, seqs: Sequence[Encoded], pad_id: int, batch
     """One forward pass per batch; for each sequence, predictions and NLL at its target positions."""
     device = next(model.parameters()).device
     out: list[TokenScores | None] = [None] * len(seqs)
-    for batch_idx in length_sorted_batches([len(s.ids) for s in seqs], batch_size):
+    batches = length_sorted_batches([len(s.ids) for s in seqs], batch_size)
+    for batch_idx in tqdm(batches, desc="evaluating", unit="batch", leave=False, disable=len(batches) < 8):
         batch = TokenBatch.build([seqs[i] for i in batch_idx], pad_id, device)
         logp, gold, rows = batch.target_logprobs(batch.logits(model))
         nll = -logp.gather(-1, gold[:, None])[:, 0]
