@@ -49,6 +49,7 @@ class EditModeKind(str, enum.Enum):
     single = "single"
     sequential = "sequential"
     batch = "batch"
+    paper_chunks = "paper_chunks"
 
 
 class LoggerKind(str, enum.Enum):
@@ -95,6 +96,7 @@ class DatasetConfig:
 class EditModeConfig:
     kind: EditModeKind = EditModeKind.sequential
     batch_size: int = 1  # requests per edit step (edit_mode=batch)
+    chunk_size: int = 1  # edit_mode=paper_chunks: T consecutive requests edited from the unedited model
 
 
 @dataclass
@@ -125,6 +127,8 @@ class Config:
     num_edits: int = 100
     eval_every: int = 25
     seed: int = 0
+    checkpoint_every: int = 0  # save method state, stream position and RNG every this many edits (0: off)
+    resume: Optional[str] = None  # a run directory holding checkpoint.pt: continue that run
     data_dir: str = "${oc.env:WISE_BENCH_DATA_DIR,${repo_root:}/data}"
     device: Device = Device.auto
 

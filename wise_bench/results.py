@@ -30,6 +30,20 @@ class RunRecorder:
         _append_jsonl(self.run_dir / "metrics.jsonl", [row])
         return row
 
+    def log_chunk(self, chunk: int, start: int, stop: int, metrics: dict[str, float]) -> None:
+        """Per-chunk numbers of edit_mode=paper_chunks (requests start..stop-1)."""
+        _append_jsonl(self.run_dir / "chunks.jsonl", [{"chunk": chunk, "start": start, "stop": stop, **metrics}])
+
+    def copy_points_from(self, other_run: Path, upto: int) -> None:
+        """On resume: keep the evaluation points of ``other_run`` up to its checkpoint, drop later ones."""
+        source = Path(other_run) / "metrics.jsonl"
+        lines = source.read_text(encoding="utf-8").splitlines() if source.exists() else []
+        kept = [line for line in lines if line and json.loads(line)["n_edits"] <= upto]
+        target = self.run_dir / "metrics.jsonl"
+        tmp = target.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(target)
+
     def write_samples(self, rows: list[dict]) -> None:
         _append_jsonl(self.run_dir / "samples.jsonl", rows)
 
