@@ -24,7 +24,10 @@ def main(cfg: DictConfig) -> float:
     except UserError as e:
         log.error("%s", e)
         sys.exit(2)
-    return results.get("avg", float("nan"))  # the value a Hydra sweeper optimises
+    if cfg.objective not in results:
+        log.error("objective=%s is not among the run's metrics (%s)", cfg.objective, ", ".join(k for k, v in results.items() if isinstance(v, float)))
+        sys.exit(2)
+    return results[cfg.objective]  # the value a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

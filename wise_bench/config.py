@@ -128,7 +128,8 @@ class Config:
     eval_every: int = 25
     seed: int = 0
     checkpoint_every: int = 0  # save method state, stream position and RNG every this many edits (0: off)
-    resume: Optional[str] = None  # a run directory holding checkpoint.pt: continue that run
+    resume: Optional[str] = None
+    objective: str = "avg"  # the final metric the app returns to a sweeper (e.g. Optuna)  # a run directory holding checkpoint.pt: continue that run
     data_dir: str = "${oc.env:WISE_BENCH_DATA_DIR,${repo_root:}/data}"
     device: Device = Device.auto
 

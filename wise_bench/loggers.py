@@ -28,7 +28,7 @@ class NullLogger:
 class WandbLogger(NullLogger):
     """W&B run with step = number of edits; offline by default, its files inside the run directory."""
 
-    def __init__(self, cfg, run_dir: Path, config: dict[str, Any], default_name: str):
+    def __init__(self, cfg, run_dir: Path, config: dict[str, Any], default_name: str, default_group: str):
         self.run = None
         try:
             import wandb
@@ -38,7 +38,7 @@ class WandbLogger(NullLogger):
                 project=cfg.project,
                 entity=cfg.entity,
                 mode=cfg.mode,
-                group=cfg.group,
+                group=cfg.group or default_group,
                 name=cfg.name or default_name,
                 tags=list(cfg.tags),
                 config=config,
@@ -81,7 +81,7 @@ class WandbLogger(NullLogger):
             self._failed("finish", e)
 
 
-def make_logger(cfg, run_dir: Path, config: dict[str, Any], default_name: str):
+def make_logger(cfg, run_dir: Path, config: dict[str, Any], default_name: str, default_group: str):
     if LoggerKind(cfg.kind) is LoggerKind.wandb:
-        return WandbLogger(cfg, run_dir, config, default_name)
+        return WandbLogger(cfg, run_dir, config, default_name, default_group)
     return NullLogger()

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
@@ -86,6 +88,15 @@ class Timing:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
+
+
+def run_names(cfg: DictConfig) -> tuple[str, str]:
+    """(run name, group) for trackers: the run's method/dataset/model/T; the sweep groups a multirun."""
+    name = f"{cfg.method.name}-{cfg.dataset.name}-{cfg.model.name}-T{cfg.num_edits}"
+    group = f"{cfg.dataset.name}-{cfg.model.name}"
+    if HydraConfig.initialized() and HydraConfig.get().mode is RunMode.MULTIRUN:
+        group = f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+    return name, group
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -158,8 +169,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if mode is EditModeKind.paper_chunks:
         protocol["chunk_size"] = cfg.edit_mode.chunk_size
     recorder = RunRecorder(run_dir, protocol)
-    name = f"{cfg.method.name}-{cfg.dataset.name}-{cfg.model.name}-T{cfg.num_edits}"
-    tracker = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name)
+    tracker = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), *run_names(cfg))
 
     timing = Timing()
     evaluator.record_unedited_locality(model)
