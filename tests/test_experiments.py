@@ -101,3 +101,27 @@ def test_sigkill_then_resume_in_the_same_directory(data_dir, tmp_path):
     points = metrics_only(read_jsonl(tmp_path / "killed/metrics.jsonl"))
     assert points == metrics_only(read_jsonl(tmp_path / "straight/metrics.jsonl"))
     assert [p["n_edits"] for p in points] == [3, 6, 9, 12]
+
+
+class RecordsSteps(METHODS["ft_m"]):
+    steps: list[list[int]] = []
+
+    def edit(self, requests):
+        RecordsSteps.steps.append([r.index for r in requests])
+        return super().edit(requests)
+
+
+def test_paper_chunks_can_batch_a_whole_chunk(compose, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "ft_m", RecordsSteps)
+    RecordsSteps.steps = []
+    res = run(compose([f"data_dir={data_dir}", "num_edits=4", "eval_every=4", "edit_mode=paper_chunks",
+                       "edit_mode.chunk_size=2", "edit_mode.batch_size=2", *FAST]), tmp_path)
+    assert RecordsSteps.steps == [[0, 1], [2, 3]] and res["batch_size"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml")))
+def test_experiment_configs_compose(compose, name):
+    cfg = compose([f"+experiment={name}", "model=llama-2-7b"])
+    assert cfg.num_edits >= 1 and cfg.model.name == "llama-2-7b"
+    if name == "table2_zsre_memit_mass":
+        assert (cfg.method.name, cfg.edit_mode.batch_size, cfg.edit_mode.chunk_size) == ("memit", 100, 100)

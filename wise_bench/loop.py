@@ -158,7 +158,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = load_model(cfg.model, len(tokenizer), device)
     method = cls(method_cfg, model, EditContext(tokenizer, dataset.train_texts, device, cfg.seed))
 
-    step_size = cfg.edit_mode.batch_size if mode is EditModeKind.batch else 1
+    # Requests per edit step; in paper_chunks a step never crosses a chunk (batch_size = chunk_size: MEMIT-MASS).
+    step_size = cfg.edit_mode.batch_size if mode in (EditModeKind.batch, EditModeKind.paper_chunks) else 1
     protocol = {
         "scope": SCOPES[mode],
         "scorer": SCORERS["rel"],
@@ -180,7 +181,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                   recorder=recorder, tracker=tracker, timing=timing)
     if mode in (EditModeKind.single, EditModeKind.paper_chunks):
         chunk = cfg.edit_mode.chunk_size if mode is EditModeKind.paper_chunks else 1
-        rows, final = run_chunks(chunk_size=chunk, **shared)
+        rows, final = run_chunks(chunk_size=chunk, step_size=step_size, **shared)
     else:
         rows, final = run_stream(step_size=step_size, checkpoint=checkpoint, run_dir=run_dir, **shared)
 
@@ -242,18 +243,19 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
     return rows, final
 
 
-def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timing, chunk_size):
+def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timing, chunk_size, step_size):
     """Each chunk edited from the unedited model, scored after its last edit, then restored."""
     rows: list[dict] = []
     final: dict[str, float] = {}
     bar = tqdm(range(len(requests)), desc="editing", unit="edit")
     for begin in range(0, len(requests), chunk_size):
         stop = begin + chunk_size
-        for i in range(begin, stop):
+        for i in range(begin, stop, step_size):
+            step = requests[i:min(i + step_size, stop)]
             t0 = time.perf_counter()
-            stats = method.edit([requests[i]])
+            stats = method.edit(step)
             timing.edit_s += time.perf_counter() - t0
-            bar.update()
+            bar.update(len(step))
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         t0 = time.perf_counter()
         chunk_rows = evaluator.score(model, range(begin, stop))
