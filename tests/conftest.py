@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tiny models run fastest on one thread, and two OpenMP threads on a busy 2-core machine slow a
+# forward pass ~50x; subprocesses (CLI tests) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("WISE_BENCH_SHARED_DATA", REPO.parent / "shared" / "data"))

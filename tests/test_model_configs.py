@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from wise_bench.config import ModelConfig
 from wise_bench.models import get_module, linear_weight
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+REPO = Path(__file__).resolve().parent.parent
+MODEL_DIR = REPO / "conf" / "model"
 
 FAMILIES = ("ft", "wise", "grace", "defer", "rome", "memit", "alphaedit")
 LIST_FAMILIES = ("memit", "alphaedit")
@@ -28,6 +29,8 @@ def _gpt2(n_layer: int, n_embd: int, n_head: int) -> GPT2Config:
 
 # file stem -> (transformers config with the real model's shape, number of layers, expected dtype)
 ARCHS = {
+    # the project's own model: its config is committed, so it is read rather than written out here
+    "tiny": (lambda: AutoConfig.from_pretrained(REPO / "models" / "tiny"), 6, "float32"),
     "gpt2": (lambda: _gpt2(12, 768, 12), 12, "float32"),
     "gpt2-xl": (lambda: _gpt2(48, 1600, 25), 48, "float32"),
     "gpt-j-6b": (lambda: GPTJConfig(n_layer=28, n_embd=4096, n_head=16, rotary_dim=64), 28, "bfloat16"),

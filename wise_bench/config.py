@@ -80,6 +80,9 @@ class ModelConfig:
     # Edited module(s) per method family, as the literature writes them, e.g.
     # {wise: "model.layers[27].mlp.down_proj", memit: ["model.layers[4].mlp.down_proj", ...]}.
     edit_layers: Dict[str, Any] = field(default_factory=dict)
+    # Method hyperparameters that depend on the model (e.g. WISE's activation margins scale with the
+    # size of the model's activations); method YAMLs read them with ${oc.select:model.hparams.<key>,default}.
+    hparams: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""MEMIT: a batch of edits spread over several consecutive MLP output matrices (../spec/baselines.md).
+
+For each request, a δ at the last edited layer's output (ROME's value, shared code) gives the
+target hidden state z* = z + δ of the residual stream after that layer. Then, layer by layer from
+the lowest: K = the requests' keys at that layer (with the lower layers already updated), R = the
+remaining residual z* − z spread evenly over the layers left, and ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹.
+MEMIT-MASS is the same with all T edits in one batch (edit_mode=batch, batch_size=T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+from omegaconf import MISSING
+
+from wise_bench.config import DType
+from wise_bench.data import Request
+from wise_bench.methods.base import Method
+from wise_bench.methods.rome import Located, LocateConfig, compute_delta, context_templates, locate, mean_stats, template_average
+from wise_bench.models import get_module, linear_weight
+from wise_bench.stats import second_moments
+
+
+@dataclass
+class MEMITConfig(LocateConfig):
+    layers: List[str] = MISSING  # e.g. ${model.edit_layers.memit}, lowest first
+    mom2_update_weight: float = 15000.0  # λ: how strongly the keys of the corpus are preserved
+
+
+def block_path(layer: str) -> str:
+    """``model.layers[8].mlp.down_proj`` -> ``model.layers[8]``: the decoder block whose output is z."""
+    return layer.replace("[", ".").replace("]", "").rsplit(".", 2)[0]
+
+
+def memit_update(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ for keys K (in × n) and residuals R (out × n), in float64."""
+    R, K, C = R.double(), K.double(), C.double()
+    return torch.linalg.solve(lam * C + K @ K.T, K @ R.T).T  # the matrix is symmetric
+
+
+class MEMIT(Method):
+    Config = MEMITConfig
+
+    @staticmethod
+    def module_paths(cfg: MEMITConfig) -> list[str]:
+        return [*cfg.layers, block_path(cfg.layers[-1])]
+
+    def __init__(self, cfg: MEMITConfig, model, ctx):
+        super().__init__(cfg, model, ctx)
+        self.modules = [get_module(model, layer) for layer in cfg.layers]
+        self.weights = [linear_weight(m) for m in self.modules]  # (out, in) views
+        self.originals = [w.detach().clone() for w in self.weights]
+        self.block = get_module(model, block_path(cfg.layers[-1]))
+        # Both are computed once, on the unedited model.
+        self.templates = context_templates(model, ctx.tokenizer, cfg.context_templates, cfg.context_template_length, ctx.seed)
+        moments = second_moments(model, ctx.tokenizer, cfg.layers, cfg.mom2_dataset, ctx.train_texts,
+                                 cfg.mom2_n_samples, getattr(torch, DType(cfg.mom2_dtype).value), cfg.stats_dir)
+        self.precompute([moments[layer] for layer in cfg.layers])
+
+    def precompute(self, moments: list[torch.Tensor]) -> None:
+        """What the updates need from the second moments C of the edited layers (in ``cfg.layers`` order)."""
+        self.mom2 = moments
+
+    def edit(self, requests: list[Request]) -> dict[str, float]:
+        located, missing = locate(requests, self.cfg.on_missing_subject)
+        if not located:
+            return mean_stats([], missing)
+        z_star, per_request = self.target_hidden(located)
+        for i, (module, weight) in enumerate(zip(self.modules, self.weights)):
+            K, z = self.subject_vectors(located, [(module, "input"), (self.block, "output")])
+            R = (z_star - z) / (len(self.modules) - i)  # this layer's share of what is left
+            with torch.no_grad():
+                weight.add_(self.layer_update(i, R.T, K.T).to(weight.dtype))
+        return mean_stats(per_request, missing)
+
+    def target_hidden(self, located: list[Located]) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """z* = z + δ for each request, [n, d]: the hidden state after the last edited layer to reach."""
+        (z,) = self.subject_vectors(located, [(self.block, "output")])
+        deltas, per_request = [], []
+        for loc, z_i in zip(located, z):
+            # δ is added to the last MLP's output, i.e. to the block output z, so it is clamped against ‖z‖.
+            delta, stats = compute_delta(self.model, self.ctx.tokenizer, self.modules[-1], loc, self.templates,
+                                         self.cfg, z_i.norm().item())
+            deltas.append(delta)
+            per_request.append({**stats, "delta_norm": delta.norm().item()})
+        return z + torch.stack(deltas), per_request
+
+    def subject_vectors(self, located: list[Located], points) -> list[torch.Tensor]:
+        """``template_average`` with this method's model, tokenizer and templates."""
+        return template_average(self.model, self.ctx.tokenizer, located, self.templates, points)
+
+    def layer_update(self, i: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        """ΔW of the i-th edited layer for residuals R (out × n) at keys K (in × n)."""
+        return memit_update(R, K, self.mom2[i], self.cfg.mom2_update_weight)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for w, w0 in zip(self.weights, self.originals):
+                w.copy_(w0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": [w.detach().clone() for w in self.weights]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for w, saved in zip(self.weights, state["weights"]):
+                w.copy_(saved)
