@@ -97,7 +97,11 @@ def tiny():
 
 @pytest.fixture
 def compose():
-    """compose(overrides) -> the config ``python -m wise_bench <overrides>`` would run with."""
+    """compose(overrides) -> the config ``python -m wise_bench <overrides>`` would run with.
+
+    Unit tests run on the in-process ``tiny_random`` model unless they name a model (or pass
+    ``test_model=None`` to keep the app's default).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -105,7 +109,9 @@ def compose():
 
     register_configs()
 
-    def _compose(overrides: list[str]):
+    def _compose(overrides: list[str], test_model: str | None = "tiny_random"):
+        if test_model and not any(o.startswith("model=") for o in overrides):
+            overrides = [f"model={test_model}", *overrides]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
 

@@ -12,7 +12,7 @@ from wise_bench.loop import edit_steps, run
 from wise_bench.methods import METHODS
 from wise_bench.methods.ft import FT
 
-FAST = ["method.steps=3", "eval.batch_size=4"]
+FAST = ["model=tiny_random", "method.steps=3", "eval.batch_size=4"]  # unit tests: the in-process model
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -54,11 +54,13 @@ def test_single_and_batch_modes(compose, data_dir, tmp_path):
 
 
 class ExplodesOnThirdEdit(FT):
-    calls = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
 
     def edit(self, requests):
-        ExplodesOnThirdEdit.calls += 1
-        if ExplodesOnThirdEdit.calls == 3:
+        self.calls += 1
+        if self.calls == 3:
             raise RuntimeError("boom")
         return super().edit(requests)
 
@@ -99,7 +101,7 @@ def cli(*args: str, data_dir: Path | str, cwd: Path) -> subprocess.CompletedProc
 
 def test_cli_run_and_user_errors(data_dir, tmp_path):
     ok = cli("method=ft_m", "dataset=zsre", "edit_mode=sequential", "num_edits=4", "eval_every=2", "logger=none",
-             "method.steps=2", data_dir=data_dir, cwd=tmp_path)
+             "method.steps=2", "model=tiny_random", data_dir=data_dir, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert [p["n_edits"] for p in read_jsonl(tmp_path / "run/metrics.jsonl")] == [2, 4]
     assert "wise-bench: ft_m on tiny_random / zsre" in ok.stdout
@@ -129,3 +131,14 @@ def test_cli_config_typos_fail_with_hydra_messages(tmp_path, args, expected):
     res = cli(*args, data_dir=tmp_path / "nodata", cwd=tmp_path)
     assert res.returncode != 0
     assert expected in res.stdout + res.stderr
+
+
+class SkipsEveryOther(FT):
+    def edit(self, requests):
+        return {**super().edit(requests), "skipped_missing_subject": requests[0].index % 2}
+
+
+def test_skip_counts_reported_by_methods_are_totalled(compose, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "ft_m", SkipsEveryOther)
+    results = run(compose([f"data_dir={data_dir}", "num_edits=4", "eval_every=4", *FAST]), tmp_path)
+    assert results["skipped"] == {"skipped_missing_subject": 2}

@@ -113,14 +113,16 @@ def test_batched_evaluation_equals_one_request_at_a_time(tiny):
     batched.record_unedited_locality(model)
     single.record_unedited_locality(model)
     assert batched.loc_before == single.loc_before
+    weight = model.model.layers[1].mlp.down_proj.weight
+    original = weight.detach().clone()
     with torch.no_grad():  # perturb the model so locality is not trivially 1
-        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+        weight.mul_(1.5)
     try:
         rows_b = batched.score(model, range(4))
         rows_s = [single.score(model, [i])[0] for i in range(4)]
     finally:
         with torch.no_grad():
-            model.model.layers[1].mlp.down_proj.weight.div_(1.5)
+            weight.copy_(original)
     for b, s in zip(rows_b, rows_s):
         assert b.keys() == s.keys() == {"index", "rel", "gen", "loc", "ppl"}
         assert (b["rel"], b["gen"], b["loc"]) == (s["rel"], s["gen"], s["loc"])

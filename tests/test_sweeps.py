@@ -12,7 +12,7 @@ from wise_bench.loop import run_names
 
 def multirun(tmp_path, data_dir, *args):
     env = {**os.environ, "WISE_BENCH_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-m", "wise_bench", "-m", *args, "eval_every=2", "method.steps=2",
+    res = subprocess.run([sys.executable, "-m", "wise_bench", "-m", *args, "eval_every=2", "method.steps=2", "model=tiny_random",
                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

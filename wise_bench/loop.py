@@ -106,13 +106,14 @@ def comparable_config(cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RESUME_FREE_KEYS}
 
 
-def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int, timing: Timing) -> None:
+def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int, timing: Timing, counts: dict) -> None:
     state = {
         "n_edits": n_edits,
         "config": comparable_config(cfg),
         "method": method.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         "timing": {"edit_s": timing.edit_s, "eval_s": timing.eval_s, "elapsed": timing.elapsed()},
+        "counts": dict(counts),
     }
     tmp = run_dir / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
@@ -177,8 +178,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     pre, _ = evaluator.evaluate(model, range(len(dataset.requests)))
     log.info("pre-edit: %s", _fmt(pre))
 
+    counts: dict[str, int] = {}
     shared = dict(method=method, model=model, evaluator=evaluator, requests=dataset.requests, cfg=cfg,
-                  recorder=recorder, tracker=tracker, timing=timing)
+                  recorder=recorder, tracker=tracker, timing=timing, counts=counts)
     if mode in (EditModeKind.single, EditModeKind.paper_chunks):
         chunk = cfg.edit_mode.chunk_size if mode is EditModeKind.paper_chunks else 1
         rows, final = run_chunks(chunk_size=chunk, step_size=step_size, **shared)
@@ -202,6 +204,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "eval_s_total": round(timing.eval_s, 3),
         },
     }
+    if counts:
+        results["skipped"] = counts
     if checkpoint is not None:
         results["resumed_from"] = {"run_dir": str(cfg.resume), "n_edits": checkpoint["n_edits"]}
     path = recorder.write_results(results)
@@ -210,7 +214,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timing, step_size, checkpoint, run_dir):
+def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, step_size, checkpoint, run_dir):
     """Sequential / batch editing of one model; evaluation of all edits so far at each point."""
     start = 0
     if checkpoint is not None:
@@ -219,6 +223,7 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
         restore_rng(checkpoint["rng"])
         timing.edit_s, timing.eval_s = checkpoint["timing"]["edit_s"], checkpoint["timing"]["eval_s"]
         timing.elapsed_before = checkpoint["timing"]["elapsed"]
+        counts.update(checkpoint["counts"])
         recorder.copy_points_from(Path(cfg.resume), upto=start)
         log.info("resumed from %s after %d edits", cfg.resume, start)
 
@@ -230,6 +235,7 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
         t0 = time.perf_counter()
         stats = method.edit(requests[begin:stop])
         timing.edit_s += time.perf_counter() - t0
+        tally(counts, stats)
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         if evaluate_now:
             t0 = time.perf_counter()
@@ -239,11 +245,11 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
             log.info("after %d edits: %s", stop, _fmt(final))
             timing.eval_s += time.perf_counter() - t0
         if cfg.checkpoint_every and stop // cfg.checkpoint_every > begin // cfg.checkpoint_every and stop < cfg.num_edits:
-            save_checkpoint(run_dir, cfg, method, stop, timing)
+            save_checkpoint(run_dir, cfg, method, stop, timing, counts)
     return rows, final
 
 
-def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timing, chunk_size, step_size):
+def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, chunk_size, step_size):
     """Each chunk edited from the unedited model, scored after its last edit, then restored."""
     rows: list[dict] = []
     final: dict[str, float] = {}
@@ -255,6 +261,7 @@ def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timin
             t0 = time.perf_counter()
             stats = method.edit(step)
             timing.edit_s += time.perf_counter() - t0
+            tally(counts, stats)
             bar.update(len(step))
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         t0 = time.perf_counter()
@@ -271,6 +278,13 @@ def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timin
         timing.eval_s += time.perf_counter() - t0
     bar.close()
     return rows, final
+
+
+def tally(counts: dict[str, int], stats: dict[str, float]) -> None:
+    """Sum the per-step counts a method reports as ``skipped_*`` (e.g. requests it could not edit)."""
+    for key, value in stats.items():
+        if key.startswith("skipped_"):
+            counts[key] = counts.get(key, 0) + int(value)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
