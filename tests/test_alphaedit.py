@@ -39,7 +39,7 @@ def test_edits_stay_in_the_null_space_and_accumulate_previous_keys(tiny, tmp_pat
         first = [c.clone() for c in method.prev_cov]
         assert all(c.norm() > 0 for c in first)
         method.edit(REQS[1:])  # then a batch (one of which is skipped)
-        for w, w0, p in zip(method.weights, method.originals, P):
+        for w, w0, p in zip(method.weights, method.original_weights, P):
             dW = (w - w0).double()
             assert dW.norm() > 0
             torch.testing.assert_close(dW @ p.double(), dW, atol=1e-6 * dW.abs().max().item(), rtol=1e-4)  # ΔW = ΔW P

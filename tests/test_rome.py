@@ -85,12 +85,12 @@ def test_sequential_edits_persist_and_state_round_trips(tiny, tmp_path):
         after_one = method.weight.detach().clone()
         method.edit([REQS[1]])
         assert not torch.equal(method.weight, after_one)
-        assert torch.linalg.matrix_rank(method.weight.detach() - method.original) == 2  # both updates are kept
+        assert torch.linalg.matrix_rank(method.weight.detach() - method.original_weights[0]) == 2  # both updates are kept
         state = method.state_dict()
         method.restore()
         assert_same(model, before)
         method.load_state_dict(state)
-        assert torch.equal(method.weight, state["weight"])
+        assert torch.equal(method.weight, state["weights"][0])
     finally:
         method.restore()
     assert_same(model, before)
@@ -117,7 +117,7 @@ def test_missing_subject_is_skipped_or_edited_at_the_last_token(tiny, tmp_path, 
     try:
         stats = method.edit(missing)
         assert stats["skipped_missing_subject"] == 2 and "loss" in stats
-        assert not torch.equal(method.weight, method.original)
+        assert not torch.equal(method.weight, method.original_weights[0])
     finally:
         method.restore()
     assert_same(model, before)

@@ -49,3 +49,25 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+class WeightEditor(Method):
+    """A method that changes some of the model's weights in place; restoring and saving them is shared."""
+
+    def keep_originals(self, weights: list[torch.Tensor]) -> None:
+        """Remember ``weights`` (parameters or views of them) as they are before any edit."""
+        self.edited_weights = weights
+        self.original_weights = [w.detach().clone() for w in weights]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for w, w0 in zip(self.edited_weights, self.original_weights):
+                w.copy_(w0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": [w.detach().clone() for w in self.edited_weights]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for w, saved in zip(self.edited_weights, state["weights"]):
+                w.copy_(saved)

@@ -9,7 +9,7 @@ import torch
 from omegaconf import MISSING
 
 from wise_bench.data import Request
-from wise_bench.methods.base import Method
+from wise_bench.methods.base import WeightEditor
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module
 
@@ -33,7 +33,7 @@ class FTConfig:
     stop_loss: float = 1e-2  # no step is taken once the loss is below this
 
 
-class FT(Method):
+class FT(WeightEditor):
     Config = FTConfig
 
     @staticmethod
@@ -43,7 +43,8 @@ class FT(Method):
     def __init__(self, cfg: FTConfig, model, ctx):
         super().__init__(cfg, model, ctx)
         self.weight = get_module(model, cfg.layer).weight
-        self.original = self.weight.detach().clone()
+        self.keep_originals([self.weight])
+        self.original = self.original_weights[0]
 
     def _loss_fn(self, requests: list[Request]) -> Callable[[], torch.Tensor]:
         """Tokenise once per edit; the returned closure runs one forward pass and gives the loss."""
@@ -85,14 +86,3 @@ class FT(Method):
             self.weight.requires_grad_(False)
         # Losses are measured before each step; the last one is before the step that was skipped or last.
         return {"loss_start": losses[0], "loss": losses[-1], "steps": len(losses)}
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(self.original)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.weight.copy_(state["weight"])

@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from wise_bench.config import DType
 from wise_bench.data import Request
-from wise_bench.methods.base import Method
+from wise_bench.methods.base import WeightEditor
 from wise_bench.methods.rome import Located, LocateConfig, compute_delta, context_templates, locate, mean_stats, template_average
 from wise_bench.models import get_module, linear_weight
 from wise_bench.stats import second_moments
@@ -39,7 +39,7 @@ def memit_update(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float) 
     return torch.linalg.solve(lam * C + K @ K.T, K @ R.T).T  # the matrix is symmetric
 
 
-class MEMIT(Method):
+class MEMIT(WeightEditor):
     Config = MEMITConfig
 
     @staticmethod
@@ -50,7 +50,7 @@ class MEMIT(Method):
         super().__init__(cfg, model, ctx)
         self.modules = [get_module(model, layer) for layer in cfg.layers]
         self.weights = [linear_weight(m) for m in self.modules]  # (out, in) views
-        self.originals = [w.detach().clone() for w in self.weights]
+        self.keep_originals(self.weights)
         self.block = get_module(model, block_path(cfg.layers[-1]))
         # Both are computed once, on the unedited model.
         self.templates = context_templates(model, ctx.tokenizer, cfg.context_templates, cfg.context_template_length, ctx.seed)
@@ -93,16 +93,3 @@ class MEMIT(Method):
     def layer_update(self, i: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
         """ΔW of the i-th edited layer for residuals R (out × n) at keys K (in × n)."""
         return memit_update(R, K, self.mom2[i], self.cfg.mom2_update_weight)
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for w, w0 in zip(self.weights, self.originals):
-                w.copy_(w0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": [w.detach().clone() for w in self.weights]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for w, saved in zip(self.weights, state["weights"]):
-                w.copy_(saved)

@@ -22,7 +22,7 @@ from torch import nn
 from wise_bench.config import DType
 from wise_bench.data import Request
 from wise_bench.errors import UserError
-from wise_bench.methods.base import Method
+from wise_bench.methods.base import WeightEditor
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module, linear_weight
 from wise_bench.stats import DEFAULT_STATS_DIR, TRAIN_TEXTS, second_moments
@@ -265,7 +265,7 @@ def mean_stats(per_request: list[dict[str, float]], missing: int) -> dict[str, f
     return {**out, "skipped_missing_subject": missing}
 
 
-class ROME(Method):
+class ROME(WeightEditor):
     Config = ROMEConfig
 
     @staticmethod
@@ -276,7 +276,7 @@ class ROME(Method):
         super().__init__(cfg, model, ctx)
         self.module = get_module(model, cfg.layer)
         self.weight = linear_weight(self.module)  # (out, in) view: works for nn.Linear and Conv1D
-        self.original = self.weight.detach().clone()
+        self.keep_originals([self.weight])
         # Both are computed once, on the unedited model.
         self.templates = context_templates(model, ctx.tokenizer, cfg.context_templates, cfg.context_template_length, ctx.seed)
         self.mom2 = None
@@ -303,14 +303,3 @@ class ROME(Method):
         with torch.no_grad():
             self.weight.add_(rank_one_update(W, k, v_star, u).to(self.weight.dtype))
         return {**stats, "delta_norm": delta.norm().item()}
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(self.original)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.weight.copy_(state["weight"])
