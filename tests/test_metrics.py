@@ -56,6 +56,15 @@ def test_encode_pair_finds_target_tokens_by_offsets(tiny):
     assert len(enc.target_pos) == 2
 
 
+def test_target_logits_equal_the_full_logits_at_target_positions(tiny):
+    model, tok = tiny
+    seqs = [encode_pair(tok, "Who wrote it?", "Shakespeare"), encode_pair(tok, "Q", "a b")]
+    b = TokenBatch.build(seqs, tok.pad_token_id, "cpu")
+    rows, cols = b.target_mask.nonzero(as_tuple=True)
+    with torch.no_grad():
+        assert torch.allclose(b.target_logits(model), b.logits(model)[rows, cols - 1], atol=1e-5)
+
+
 def test_token_batch_left_pads_and_keeps_positions():
     b = TokenBatch.build([Encoded((1, 2, 3), (2,)), Encoded((4, 5), (1,))], pad_id=0, device="cpu")
     assert b.input_ids.tolist() == [[1, 2, 3], [0, 4, 5]]
@@ -73,8 +82,10 @@ class NextPlusOne(nn.Module):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=None):
         logits = 10.0 * nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
+        if logits_to_keep is not None:  # as transformers' causal LMs: only these positions
+            logits = logits[:, logits_to_keep]
         return type("Out", (), {"logits": logits})()
 
 

@@ -121,9 +121,9 @@ def test_label_mask_covers_exactly_the_target_tokens(tiny):
 def test_edit_loss_sums_target_nll_over_targets_plus_one():
     rows = [Encoded((1, 5, 6, 7), (2, 3)), Encoded((1, 5, 6, 7, 8), (2, 3, 4)), Encoded((1, 9, 9), ())]
     b = TokenBatch.build(rows, 0, "cpu")
-    logits = torch.zeros(3, 5, 10)  # uniform: every target token costs log 10
+    target_logits = torch.zeros(5, 10)  # 5 target tokens, uniform: each costs log 10
     expected = (2 * math.log(10) / 3 + 3 * math.log(10) / 4) / 2  # the x_loc row does not count
-    assert edit_nll(b, logits).item() == pytest.approx(expected)
+    assert edit_nll(b, target_logits).item() == pytest.approx(expected)
 
 
 # --- the method on the tiny model --------------------------------------------------------------------

@@ -87,21 +87,32 @@ class TokenBatch:
         return cls(ids.to(device), mask.to(device), positions.to(device), target.to(device))
 
     def logits(self, model: nn.Module) -> torch.Tensor:
-        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids).logits
+        """Logits at every position, [batch, length, vocab]."""
+        return self._forward(model).logits
 
-    def target_logprobs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probabilities predicting each target token (from the previous position's logits).
+    def target_logits(self, model: nn.Module) -> torch.Tensor:
+        """Logits predicting each target token (from the previous position), [N target tokens, vocab].
 
-        Returns (logp [N, vocab], gold [N], row [N]) over the N target tokens of the batch, row-major,
-        so each row's tokens come in order. Only target positions are normalised (memory: N x vocab).
+        Only the positions that predict a target go through the LM head (``logits_to_keep``): with a
+        large vocabulary the head over every position costs as much as the layers on small models.
+        Rows are in row-major order, so each sequence's target tokens come in order.
         """
         rows, cols = self.target_mask.nonzero(as_tuple=True)
-        logp = torch.log_softmax(logits[rows, cols - 1].float(), dim=-1)
-        return logp, self.input_ids[rows, cols], rows
+        keep, column = torch.unique(cols - 1, return_inverse=True)
+        return self._forward(model, logits_to_keep=keep).logits[rows, column]
 
-    def mean_target_nll(self, logits: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: nn.Module, **kwargs):
+        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                     use_cache=False, **kwargs)
+
+    def target_logprobs(self, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logp [N, vocab], gold [N], row [N]) over the N target tokens, from ``target_logits``."""
+        rows, cols = self.target_mask.nonzero(as_tuple=True)
+        return torch.log_softmax(target_logits.float(), dim=-1), self.input_ids[rows, cols], rows
+
+    def mean_target_nll(self, target_logits: torch.Tensor) -> torch.Tensor:
         """Per-sequence mean NLL of the target tokens (differentiable), shape [batch]."""
-        logp, gold, rows = self.target_logprobs(logits)
+        logp, gold, rows = self.target_logprobs(target_logits)
         nll = -logp.gather(-1, gold[:, None])[:, 0]
         total = torch.zeros(len(self.input_ids), device=nll.device).index_add(0, rows, nll)
         return total / self.target_mask.sum(-1)
@@ -120,7 +131,7 @@ def teacher_forced(model: nn.Module, seqs: Sequence[Encoded], pad_id: int, batch
     batches = length_sorted_batches([len(s.ids) for s in seqs], batch_size)
     for batch_idx in tqdm(batches, desc="evaluating", unit="batch", leave=False, disable=len(batches) < 8):
         batch = TokenBatch.build([seqs[i] for i in batch_idx], pad_id, device)
-        logp, gold, rows = batch.target_logprobs(batch.logits(model))
+        logp, gold, rows = batch.target_logprobs(batch.target_logits(model))
         nll = -logp.gather(-1, gold[:, None])[:, 0]
         pred = logp.argmax(-1)
         for row, i in enumerate(batch_idx):

@@ -110,7 +110,7 @@ class DEFER(Method):
         adapter.soft = True
         try:
             for _ in range(self.cfg.steps):
-                loss = batch.mean_target_nll(batch.logits(self.model)).mean()
+                loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
                 if gate_examples is not None:
                     loss = loss + gate_classifier_loss(adapter, *gate_examples)
                 losses.append(loss.item())
@@ -120,7 +120,7 @@ class DEFER(Method):
         finally:
             adapter.soft = False
         with torch.no_grad():
-            final = batch.mean_target_nll(batch.logits(self.model)).mean().item()
+            final = batch.mean_target_nll(batch.target_logits(self.model)).mean().item()
         # loss_start is the training (soft) loss; loss is the edit NLL with the hard gate used at test.
         return {"loss_start": losses[0] if losses else final, "loss": final}
 

@@ -52,7 +52,7 @@ class FT(WeightEditor):
         encoded = [encode_pair(tok, r.prompt, r.target_new) for r in requests]
         if FTLoss(self.cfg.loss) is FTLoss.teacher_forced:
             batch = TokenBatch.build(encoded, tok.pad_token_id, device)
-            return lambda: batch.mean_target_nll(batch.logits(self.model)).mean()
+            return lambda: batch.mean_target_nll(batch.target_logits(self.model)).mean()
 
         prompts = TokenBatch.build([Encoded(e.ids[: e.target_pos[0]], ()) for e in encoded], tok.pad_token_id, device)
         targets = [torch.tensor([e.ids[p] for p in e.target_pos], device=device) for e in encoded]

@@ -225,7 +225,7 @@ class GRACE(Method):
         losses: list[float] = []
         try:
             for _ in range(self.cfg.n_iter):
-                loss = batch.mean_target_nll(batch.logits(self.model)).mean()
+                loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
                 losses.append(loss.item())
                 opt.zero_grad()
                 loss.backward()
@@ -234,7 +234,7 @@ class GRACE(Method):
             adapter.training_values = None
             self.codebook.values[trained] = rows.detach()
         with torch.no_grad():
-            final = batch.mean_target_nll(batch.logits(self.model)).mean().item()
+            final = batch.mean_target_nll(batch.target_logits(self.model)).mean().item()
         kinds = [kind for _, kind in outcomes]
         return {"loss_start": losses[0] if losses else final, "loss": final, "keys": len(self.codebook),
                 "splits": kinds.count("split"), "expands": kinds.count("expand")}

@@ -224,7 +224,7 @@ def compute_delta(model: nn.Module, tokenizer, module: nn.Module, loc: Located, 
         nlls: list[float] = []
         for _ in range(cfg.v_steps):
             active[0] = rewrite
-            nll = rewrite.batch.mean_target_nll(rewrite.batch.logits(model)).mean()
+            nll = rewrite.batch.mean_target_nll(rewrite.batch.target_logits(model)).mean()
             drift = F.kl_div(kl_logprobs(), unedited, log_target=True, reduction="sum")
             loss = nll + cfg.kl_factor * drift + cfg.v_weight_decay * delta.norm() ** 2 / init_norm ** 2
             losses.append(loss.item())

@@ -102,12 +102,12 @@ def routing_losses(in_scores: torch.Tensor, out_scores: torch.Tensor, margins: S
     )
 
 
-def edit_nll(batch: TokenBatch, logits: torch.Tensor) -> torch.Tensor:
+def edit_nll(batch: TokenBatch, target_logits: torch.Tensor) -> torch.Tensor:
     """Per row with targets: summed target NLL / (target tokens + 1); the mean over those rows.
 
     The +1 reproduces the reference, whose label span starts one position before the target.
     """
-    logp, gold, rows = batch.target_logprobs(logits)
+    logp, gold, rows = batch.target_logprobs(target_logits)
     nll = -logp.gather(-1, gold[:, None])[:, 0]
     n = batch.target_mask.sum(-1)
     per_row = torch.zeros(len(n), device=nll.device).index_add(0, rows, nll)
@@ -520,9 +520,9 @@ class WISE(Method):
         return loss.item(), in_scores.detach()
 
     def _loss(self, layer: SideMemoryLayer, batch: EditBatch, replay: Optional[ReplayBatch]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = run_model(self.model, batch.tokens)
+        target_logits = batch.tokens.target_logits(self.model)
         scores, n = layer.scores, batch.n_edit_rows
-        loss = edit_nll(batch.tokens, logits) + sum(routing_losses(scores[:n], scores[n:], self.cfg.act_margin))
+        loss = edit_nll(batch.tokens, target_logits) + sum(routing_losses(scores[:n], scores[n:], self.cfg.act_margin))
         if replay is not None:
             run_model(self.model, replay.tokens)
             loss = loss + self._replay_loss(layer.scores, replay.n_past)
