@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import REPO
+from omegaconf import OmegaConf
 
 from wise_bench.loop import run_names
 
@@ -45,3 +46,14 @@ def test_optuna_sweeper_maximises_the_returned_objective(tmp_path, data_dir):
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     values = [json.loads(p.read_text())["avg"] for p in results]
     assert f"best_value: {max(values)}" in best
+
+
+def test_wise_optuna_search_space_names_real_wise_keys(compose):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from wise_bench.loop import method_config
+
+    cfg = compose(["+hparams_search=wise_optuna"], test_model=None)
+    typed = method_config(cfg)[1]
+    params = OmegaConf.load(REPO / "conf/hparams_search/wise_optuna.yaml").hydra.sweeper.params
+    assert cfg.method.name == "wise" and cfg.objective == "avg"
+    assert all(key.split(".", 1)[1] in typed for key in params)
