@@ -9,7 +9,7 @@ MEMIT-MASS is the same with all T edits in one batch (edit_mode=batch, batch_siz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List
+from typing import List
 
 import torch
 from omegaconf import MISSING
