@@ -41,6 +41,7 @@ def test_sequential_run_writes_points_samples_and_summary(compose, data_dir, tmp
     assert set(on_disk["timing"]) == {"edit_s_total", "edit_s_per_edit", "eval_s_total"}
     samples = read_jsonl(tmp_path / "samples.jsonl")
     assert [s["index"] for s in samples] == [0, 1, 2, 3]
+    assert (samples[0]["n_edits"], samples[0]["scope"], samples[0]["scorer"]) == (4, "all_seen", "teacher_forced_token_acc")
     assert sum(s["rel"] for s in samples) / 4 == pytest.approx(on_disk["rel"])
 
 

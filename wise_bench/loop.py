@@ -187,7 +187,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     else:
         rows, final = run_stream(step_size=step_size, checkpoint=checkpoint, run_dir=run_dir, **shared)
 
-    recorder.write_samples(rows)
+    recorder.write_samples(rows, cfg.num_edits)
     tracker.log_samples(rows)
     results = {
         **final,

@@ -32,7 +32,8 @@ class RunRecorder:
 
     def log_chunk(self, chunk: int, start: int, stop: int, metrics: dict[str, float]) -> None:
         """Per-chunk numbers of edit_mode=paper_chunks (requests start..stop-1)."""
-        _append_jsonl(self.run_dir / "chunks.jsonl", [{"chunk": chunk, "start": start, "stop": stop, **metrics}])
+        row = {"chunk": chunk, "start": start, "stop": stop, "n_edits": stop - start, **metrics, **self.protocol}
+        _append_jsonl(self.run_dir / "chunks.jsonl", [row])
 
     def copy_points_from(self, other_run: Path, upto: int) -> None:
         """On resume: keep the evaluation points of ``other_run`` up to its checkpoint, drop later ones."""
@@ -44,8 +45,9 @@ class RunRecorder:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(target)
 
-    def write_samples(self, rows: list[dict]) -> None:
-        _append_jsonl(self.run_dir / "samples.jsonl", rows)
+    def write_samples(self, rows: list[dict], n_edits: int) -> None:
+        """Per-request scores of the final evaluation (after ``n_edits`` edits), with the protocol."""
+        _append_jsonl(self.run_dir / "samples.jsonl", [{**row, "n_edits": n_edits, **self.protocol} for row in rows])
 
     def write_results(self, results: dict[str, Any]) -> Path:
         path = self.run_dir / "results.json"
