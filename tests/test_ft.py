@@ -82,3 +82,18 @@ def test_batch_edit_takes_several_requests(tiny):
         assert min(rel(tiny, [0, 1])) >= 0.5
     finally:
         method.restore()
+
+
+@pytest.mark.parametrize("loss", ["teacher_forced", "prompt_last"])
+def test_prefix_cache_gives_the_same_edit(tiny, loss):
+    results = []
+    for cached in (False, True):
+        method = make(tiny, "ft_m", loss=loss, lr=3e-2, steps=8, prefix_cache=cached)
+        try:
+            stats = method.edit([REQS[0]])
+            results.append((stats, method.weight.detach().clone()))
+        finally:
+            method.restore()
+    (plain, w_plain), (fast, w_fast) = results
+    assert plain["loss"] == pytest.approx(fast["loss"], abs=1e-5) and plain["steps"] == fast["steps"]
+    assert torch.allclose(w_plain, w_fast, atol=1e-6)

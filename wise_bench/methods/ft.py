@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -12,6 +13,7 @@ from wise_bench.data import Request
 from wise_bench.methods.base import WeightEditor
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module
+from wise_bench.prefix_cache import PrefixCache
 
 
 class FTLoss(str, enum.Enum):
@@ -31,6 +33,7 @@ class FTConfig:
     weight_decay: float = 0.0
     norm_constraint: Optional[float] = None  # clamp weights to original ± this after each step
     stop_loss: float = 1e-2  # no step is taken once the loss is below this
+    prefix_cache: bool = True  # replay the frozen blocks below the layer across steps (exact)
 
 
 class FT(WeightEditor):
@@ -69,19 +72,21 @@ class FT(WeightEditor):
         self.weight.requires_grad_(True)
         opt = torch.optim.Adam([self.weight], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         losses: list[float] = []
+        cache = PrefixCache(self.model, self.cfg.layer) if self.cfg.prefix_cache else nullcontext()
         try:
-            for _ in range(self.cfg.steps):
-                loss = loss_fn()
-                losses.append(loss.item())
-                if losses[-1] < self.cfg.stop_loss:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if self.cfg.norm_constraint is not None:
-                    with torch.no_grad():
-                        c = self.cfg.norm_constraint
-                        self.weight.copy_(self.weight.clamp(self.original - c, self.original + c))
+            with cache:
+                for _ in range(self.cfg.steps):
+                    loss = loss_fn()
+                    losses.append(loss.item())
+                    if losses[-1] < self.cfg.stop_loss:
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    if self.cfg.norm_constraint is not None:
+                        with torch.no_grad():
+                            c = self.cfg.norm_constraint
+                            self.weight.copy_(self.weight.clamp(self.original - c, self.original + c))
         finally:
             self.weight.requires_grad_(False)
         # Losses are measured before each step; the last one is before the step that was skipped or last.
