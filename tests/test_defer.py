@@ -4,7 +4,6 @@ from omegaconf import OmegaConf
 
 from wise_bench.config import DataFormat
 from wise_bench.data import Request
-from wise_bench.loop import run
 from wise_bench.methods import METHODS, EditContext
 from wise_bench.methods.defer import DEFERConfig
 from wise_bench.metrics import Evaluator
@@ -116,9 +115,3 @@ def test_batch_edit_and_batched_evaluation(tiny):
         assert [r["ppl"] for r in batched] == pytest.approx([r["ppl"] for r in alone], rel=1e-4)
     finally:
         method.restore()
-
-
-def test_cli_run(compose, data_dir, tmp_path):
-    cfg = compose([f"data_dir={data_dir}", "method=defer", "num_edits=2", "eval_every=1", "method.steps=2", "eval.batch_size=4"])
-    results = run(cfg, tmp_path)
-    assert results["method"] == "defer" and 0.0 <= results["rel"] <= 1.0

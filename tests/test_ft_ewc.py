@@ -3,7 +3,6 @@ from omegaconf import OmegaConf
 
 from wise_bench.config import DataFormat
 from wise_bench.data import Request
-from wise_bench.loop import run
 from wise_bench.methods import METHODS, EditContext
 from wise_bench.methods.ft import FT
 from wise_bench.methods.ft_ewc import FTEWCConfig, ewc_penalty
@@ -104,9 +103,3 @@ def test_batch_edit_takes_several_requests(tiny):
         assert min(rel(tiny, [0, 1])) >= 0.5
     finally:
         method.restore()
-
-
-def test_cli_run(compose, data_dir, tmp_path):
-    cfg = compose([f"data_dir={data_dir}", "method=ft_ewc", "num_edits=3", "eval_every=3", "method.steps=2", "eval.batch_size=4"])
-    results = run(cfg, tmp_path)
-    assert results["method"] == "ft_ewc" and 0.0 <= results["rel"] <= 1.0

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, ZSRE, write_json
 
 from wise_bench.errors import UserError
@@ -143,3 +144,32 @@ def test_skip_counts_reported_by_methods_are_totalled(compose, data_dir, tmp_pat
     monkeypatch.setitem(METHODS, "ft_m", SkipsEveryOther)
     results = run(compose([f"data_dir={data_dir}", "num_edits=4", "eval_every=4", *FAST]), tmp_path)
     assert results["skipped"] == {"skipped_missing_subject": 2}
+
+
+LOCATE = ["method.context_templates=1", "method.context_template_length=3", "method.v_steps=2"]
+SMALL = {
+    "ft_l": ["method.steps=2"], "ft_m": ["method.steps=2"], "ft_ewc": ["method.steps=2"],
+    "grace": ["method.n_iter=2"], "defer": ["method.steps=2"],
+    "wise": ["method.n_iter=2", "method.context_templates=1", "method.template_lengths=[3]"],
+    "wise_retrieve": ["method.n_iter=2", "method.context_templates=1", "method.template_lengths=[3]"],
+    "rome": LOCATE, "memit": LOCATE, "alphaedit": LOCATE,
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_through_the_loop_leaves_the_model_unedited_in_single_mode(compose, data_dir, tmp_path, monkeypatch, name):
+    """edit_mode=single restores after every request: the model ends exactly as loaded, same modules."""
+    import wise_bench.loop as loop
+
+    loaded = []
+    real_load = loop.load_model
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    monkeypatch.setenv("WISE_BENCH_STATS_DIR", str(tmp_path / "stats"))
+    cfg = compose([f"data_dir={data_dir}", f"method={name}", "edit_mode=single", "num_edits=2", "eval_every=2",
+                   "eval.batch_size=4", *SMALL[name]])
+    results = run(cfg, tmp_path)
+    assert results["method"] == name and results["scope"] == "each_after_own_edit"
+    (model,) = loaded
+    fresh = real_load(cfg.model, model.config.vocab_size, model.device)
+    assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
