@@ -31,10 +31,11 @@ def test_sequential_run_writes_points_samples_and_summary(compose, data_dir, tmp
     points = read_jsonl(tmp_path / "metrics.jsonl")
     assert [p["n_edits"] for p in points] == [2, 4]
     for p in points:
-        assert {"rel", "gen", "loc", "portability", "avg", "elapsed_s"} <= p.keys()
+        assert {"rel", "gen", "loc", "portability", "avg", "elapsed_s", "edit_s"} <= p.keys()
         assert (p["scope"], p["scorer"], p["edit_mode"], p["batch_size"]) == ("all_seen", "teacher_forced_token_acc", "sequential", 1)
         assert p["scorers"]["loc"] == "argmax_agreement_with_unedited"
         assert p["avg"] == pytest.approx((p["rel"] + p["gen"] + p["loc"]) / 3)
+    assert 0 < points[0]["edit_s"] < points[1]["edit_s"] <= points[1]["elapsed_s"]
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert (on_disk["method"], on_disk["model"], on_disk["dataset"], on_disk["num_edits"], on_disk["seed"]) == ("ft_m", "tiny_random", "zsre", 4, 0)

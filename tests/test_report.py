@@ -16,7 +16,8 @@ def fake_run(root, name, method, T, seed, rel, gen, loc, edit_mode="sequential")
                "pre": {"rel": 0.1}, "timing": {"edit_s_total": T * 0.5, "edit_s_per_edit": 0.5, "eval_s_total": 1.0}}
     (run / "results.json").write_text(json.dumps(results))
     # two evaluation points: halfway (perfect) and final
-    points = [{"n_edits": T // 2, "rel": 1.0, "gen": 1.0, "loc": 1.0, "avg": 1.0}, {"n_edits": T, **final}]
+    points = [{"n_edits": T // 2, "rel": 1.0, "gen": 1.0, "loc": 1.0, "avg": 1.0, "edit_s": T * 0.25},
+              {"n_edits": T, **final, "edit_s": T * 1.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps({**p, **PROTOCOL, "edit_mode": edit_mode}) + "\n" for p in points))
 
 
@@ -46,6 +47,14 @@ def test_report_tables_csv_and_plots(multirun, tmp_path):
     assert "memit" not in sequential and "memit" in batch  # protocols are never mixed
     assert (out / "tiny_zsre_sequential.png").stat().st_size > 1000
     assert (out / "tiny_zsre_batch.png").exists()
+
+
+def test_seconds_per_edit_between_points(multirun):
+    from wise_bench.report import find_runs, load_curves, seconds_per_edit
+
+    curves = load_curves(find_runs([multirun]))
+    run = curves[curves["run_dir"].str.endswith("/2")]  # T=100: edit_s 25 after 50 edits, 100 after 100
+    assert seconds_per_edit(curves)[run.index].tolist() == [0.5, 1.5]
 
 
 def test_report_cli_defaults_to_a_report_dir_inside_the_first_path(multirun, capsys):

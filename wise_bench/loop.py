@@ -241,7 +241,7 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
             t0 = time.perf_counter()
             rows = evaluator.score(model, range(stop))
             final = aggregate(rows)
-            tracker.log(recorder.log_point(stop, final, timing.elapsed()), step=stop)
+            tracker.log(recorder.log_point(stop, final, timing.elapsed(), timing.edit_s), step=stop)
             log.info("after %d edits: %s", stop, _fmt(final))
             timing.eval_s += time.perf_counter() - t0
         if cfg.checkpoint_every and stop // cfg.checkpoint_every > begin // cfg.checkpoint_every and stop < cfg.num_edits:
@@ -273,7 +273,7 @@ def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timin
         if stop == len(requests) or stop // cfg.eval_every > begin // cfg.eval_every:
             # Chunks are equal-sized, so the mean over requests is the mean over chunks.
             final = aggregate(rows)
-            tracker.log(recorder.log_point(stop, final, timing.elapsed()), step=stop)
+            tracker.log(recorder.log_point(stop, final, timing.elapsed(), timing.edit_s), step=stop)
             log.info("after %d edits: %s", stop, _fmt(final))
         timing.eval_s += time.perf_counter() - t0
     bar.close()

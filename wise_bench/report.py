@@ -71,19 +71,31 @@ def protocol_title(key: tuple) -> str:
     return ", ".join(f"{name}={value}" for name, value in zip(PROTOCOL, key))
 
 
+def seconds_per_edit(curves: pd.DataFrame) -> pd.Series:
+    """Editing seconds per edit between consecutive evaluation points of each run (from ``edit_s``)."""
+    ordered = curves.sort_values(["run_dir", "n_edits"])
+    by_run = ordered.groupby("run_dir")
+    edit_s = by_run["edit_s"].diff().fillna(ordered["edit_s"])
+    edits = by_run["n_edits"].diff().fillna(ordered["n_edits"])
+    return (edit_s / edits).reindex(curves.index)
+
+
 def plot_curves(curves: pd.DataFrame, metrics: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "edit_s" in curves:  # is the cost per edit flat over the sequence?
+        curves = curves.assign(s_per_edit=seconds_per_edit(curves))
+        metrics = [*metrics, "s_per_edit"]
     present = [m for m in metrics if m in curves and curves[m].notna().any()]
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], present):
         for (method, T), run in curves.groupby(["method", "num_edits"]):
             mean = run.groupby("n_edits")[metric].mean()  # over seeds
             ax.plot(mean.index, mean.values, marker="o", ms=3, label=f"{method} (T={T})")
-        ax.set_title(metric)
+        ax.set_title("seconds per edit" if metric == "s_per_edit" else metric)
         ax.set_xlabel("number of edits")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -25,8 +25,9 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.protocol = protocol
 
-    def log_point(self, n_edits: int, metrics: dict[str, float], elapsed_s: float) -> dict[str, Any]:
-        row = {"n_edits": n_edits, **metrics, **self.protocol, "elapsed_s": round(elapsed_s, 3)}
+    def log_point(self, n_edits: int, metrics: dict[str, float], elapsed_s: float, edit_s: float) -> dict[str, Any]:
+        """One evaluation point; ``edit_s`` is the time spent editing so far (per-edit cost over T)."""
+        row = {"n_edits": n_edits, **metrics, **self.protocol, "elapsed_s": round(elapsed_s, 3), "edit_s": round(edit_s, 3)}
         _append_jsonl(self.run_dir / "metrics.jsonl", [row])
         return row
 
