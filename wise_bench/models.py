@@ -152,6 +152,12 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         raise UserError(f"unknown module path '{path}' in {type(model).__name__}; nearby names: {hint}") from None
 
 
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` where ``path`` points (how side memories and adapters replace a layer)."""
+    parent, _, name = _dotted(path).rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a linear map in (out_features, in_features) layout, as a view.
 

@@ -16,9 +16,9 @@ from torch import nn
 
 from wise_bench.data import Request
 from wise_bench.methods.base import Method
-from wise_bench.methods.grace import layer_inputs, swap_module
+from wise_bench.methods.grace import layer_inputs
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
-from wise_bench.models import get_module, linear_weight
+from wise_bench.models import get_module, linear_weight, set_module
 
 
 @dataclass
@@ -78,7 +78,7 @@ class DEFER(Method):
     def _install(self) -> DEFERAdapter:
         if self.adapter is None:
             self.adapter = DEFERAdapter(self.original, self.cfg.threshold, self.ctx.seed)
-            swap_module(self.model, self.cfg.layer, self.adapter)
+            set_module(self.model, self.cfg.layer, self.adapter)
         return self.adapter
 
     def _gate_examples(self, requests: list[Request], edits: TokenBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -126,7 +126,7 @@ class DEFER(Method):
 
     def restore(self) -> None:
         if self.adapter is not None:
-            swap_module(self.model, self.cfg.layer, self.original)
+            set_module(self.model, self.cfg.layer, self.original)
             self.adapter = None
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ prompt ends, while paraphrases and unrelated texts fall outside the radius.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,7 +19,7 @@ from torch import nn
 from wise_bench.data import Request
 from wise_bench.methods.base import Method
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
-from wise_bench.models import get_module, linear_weight
+from wise_bench.models import get_module, linear_weight, set_module
 
 
 class Replacement(str, enum.Enum):
@@ -45,16 +44,6 @@ class GRACEConfig:
 
 
 # --- module swapping (shared with DEFER) ---------------------------------------------------------
-
-
-def swap_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where ``path`` points and return the module that was there."""
-    dotted = re.sub(r"\[(\d+)\]", r".\1", path)
-    parent_path, _, name = dotted.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    return old
 
 
 def layer_inputs(model: nn.Module, layer: nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -197,7 +186,7 @@ class GRACE(Method):
         """Swap the adapter in (first edit only); a model pre-hook hands it each forward's mask."""
         if self.adapter is None:
             self.adapter = GRACEAdapter(self.original, self.codebook, self.cfg.replacement)
-            swap_module(self.model, self.cfg.layer, self.adapter)
+            set_module(self.model, self.cfg.layer, self.adapter)
             self._mask_hook = self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
         return self.adapter
 
@@ -241,7 +230,7 @@ class GRACE(Method):
 
     def restore(self) -> None:
         if self.adapter is not None:
-            swap_module(self.model, self.cfg.layer, self.original)
+            set_module(self.model, self.cfg.layer, self.original)
             self._mask_hook.remove()
             self.adapter = self._mask_hook = None
         out_dim, in_dim = linear_weight(self.original).shape

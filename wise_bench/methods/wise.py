@@ -11,7 +11,6 @@ its gradient mask, the stored shards, the merged memory (WISE-Merge) or the retr
 from __future__ import annotations
 
 import math
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence
@@ -27,7 +26,7 @@ from wise_bench.errors import UserError
 from wise_bench.merge import MergeAlg, merge
 from wise_bench.methods.base import Method
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
-from wise_bench.models import get_module, linear_weight
+from wise_bench.models import get_module, linear_weight, set_module
 from wise_bench.prefix_cache import PrefixCache
 
 
@@ -408,11 +407,6 @@ def run_model(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
 
 
 # --- the method ---------------------------------------------------------------------------------
-
-
-def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = re.sub(r"\[(\d+)\]", r".\1", path).rpartition(".")
-    setattr(get_module(model, parent) if parent else model, name, module)
 
 
 class WISE(Method):
