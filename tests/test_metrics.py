@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 from torch import nn
 
 from wise_bench.config import DataFormat
@@ -56,13 +57,20 @@ def test_encode_pair_finds_target_tokens_by_offsets(tiny):
     assert len(enc.target_pos) == 2
 
 
-def test_target_logits_equal_the_full_logits_at_target_positions(tiny):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_target_logits_equal_the_full_logits_at_target_positions(tiny, family):
     model, tok = tiny
+    if family == "gpt2":
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))).eval()
     seqs = [encode_pair(tok, "Who wrote it?", "Shakespeare"), encode_pair(tok, "Q", "a b")]
     b = TokenBatch.build(seqs, tok.pad_token_id, "cpu")
     rows, cols = b.target_mask.nonzero(as_tuple=True)
     with torch.no_grad():
-        assert torch.allclose(b.target_logits(model), b.logits(model)[rows, cols - 1], atol=1e-5)
+        target = b.target_logits(model)
+        assert target.shape == (len(rows), model.config.vocab_size)
+        assert torch.allclose(target, b.logits(model)[rows, cols - 1], atol=1e-5)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the gathering hook is gone
 
 
 def test_token_batch_left_pads_and_keeps_positions():

@@ -47,9 +47,9 @@ def test_replayed_forward_gives_identical_logits_and_gradients(tiny):
 
         plain = run()
         with PrefixCache(model, LAYER) as cache:
-            recorded, replayed = run(), run()
-        assert (cache.misses, cache.hits) == (1, 1)
-        for out in (recorded, replayed):
+            recorded, replayed, again = run(), run(), run()
+        assert (cache.misses, cache.hits) == (1, 2)
+        for out in (recorded, replayed, again):
             assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1])
     finally:
         weight.requires_grad_(False)
@@ -103,3 +103,103 @@ def test_gpt2_blocks_replay_exactly(gpt2, tiny):
     with PrefixCache(gpt2, "transformer.h[3].mlp.c_proj") as cache:
         assert torch.equal(logits(gpt2, b), plain) and torch.equal(logits(gpt2, b), plain)
     assert cache.hits == 1
+
+
+def test_in_the_edited_block_only_what_runs_before_the_edited_module_is_replayed(tiny):
+    """Block 2's norms, attention, gate/up projections replay; down_proj and block 3 still run."""
+    model, tok = tiny
+    names = ["input_layernorm", "self_attn", "self_attn.q_proj", "post_attention_layernorm",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn", "mlp.down_proj", "mlp"]
+    modules = {n: model.model.layers[2].get_submodule(n) for n in names} | {"above": model.model.layers[3]}
+    runs = {n: 0 for n in modules}
+
+    def counting(name, forward):  # counts executions of forward (hooks would fire on replays too)
+        def run(*args, **kwargs):
+            runs[name] += 1
+            return forward(*args, **kwargs)
+        return run
+
+    for n, m in modules.items():
+        m.forward = counting(n, m.forward)
+    b = batch(tok, [("The capital of Atlantis is", "Zor"), ("Who?", "Ada Quill")])
+    try:
+        with torch.enable_grad(), PrefixCache(model, "model.layers[2].mlp.down_proj") as cache:
+            first = logits(model, b)
+            assert all(r == 1 for r in runs.values())
+            assert torch.equal(logits(model, b), first) and torch.equal(logits(model, b), first)
+            # Only the outermost recordings are kept: self_attn, not its q_proj.
+            assert {name for name, _ in cache.entries[0].inner} == {
+                "input_layernorm", "self_attn", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn"}
+        assert {n for n, r in runs.items() if r == 3} == {"mlp.down_proj", "mlp", "above"} and cache.hits == 2
+        assert all(r == 1 for n, r in runs.items() if n not in {"mlp.down_proj", "mlp", "above"})
+    finally:
+        for m in modules.values():
+            del m.forward
+
+
+def test_nothing_downstream_of_a_trainable_parameter_is_replayed(tiny):
+    """With gate_proj trainable too, act_fn (fed by it) must run live and gradients stay exact."""
+    model, tok = tiny
+    mlp = model.model.layers[3].mlp
+    b = batch(tok, [("a b c", "d e")])
+    params = [mlp.gate_proj.weight, mlp.down_proj.weight]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        def grads():
+            out = logits(model, b)
+            return out.detach(), torch.autograd.grad(out.square().mean(), params)
+
+        plain = grads()
+        with PrefixCache(model, LAYER):
+            grads()
+            replayed = grads()
+        assert torch.equal(replayed[0], plain[0])
+        assert all(torch.equal(g, h) for g, h in zip(replayed[1], plain[1]))
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+EDITORS = {  # the methods that edit one layer, with a few quick steps
+    "ft_m": ["method.steps=4", "method.lr=3e-2"],
+    "grace": ["method.n_iter=4"],
+    "defer": ["method.steps=4", "method.lr=1e-2"],
+    "wise": ["method.n_iter=4", "method.context_templates=1", "method.template_lengths=[3]", "method.early_stop_loss=-1"],
+}
+
+
+def tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state) for t in tensors(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("name", sorted(EDITORS))
+def test_each_single_layer_editor_learns_the_same_edit_with_the_cache(tiny, compose, monkeypatch, name):
+    from wise_bench.data import Request
+    from wise_bench.loop import method_config
+    from wise_bench.methods import EditContext
+
+    model, tok = tiny
+    hits = []
+    real_exit = PrefixCache.__exit__
+    monkeypatch.setattr(PrefixCache, "__exit__", lambda self, *exc: hits.append(self.hits) or real_exit(self, *exc))
+    request = Request(prompt="The capital of Atlantis is", target_new="Zor Ka", loc_prompt="", loc_answer="", index=0)
+    states = []
+    for cached in (False, True):
+        cls, cfg = method_config(compose([f"method={name}", f"method.prefix_cache={cached}", *EDITORS[name]]))
+        method = cls(cfg, model, EditContext(tok, ["an irrelevant sentence about the sea"], torch.device("cpu"), 0))
+        try:
+            method.edit([request])
+            states.append(tensors(method.state_dict()))
+        finally:
+            method.restore()
+    assert len(hits) == 1 and hits[0] >= 3  # only the cached run entered it, and replayed steps 2-4
+    plain, fast = states
+    assert len(plain) == len(fast) > 0
+    assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(plain, fast))

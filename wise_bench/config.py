@@ -115,7 +115,7 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
+    batch_size: int = 32  # sequences per evaluation forward pass (length-sorted)
 
 
 @dataclass

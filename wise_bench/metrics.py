@@ -93,13 +93,26 @@ class TokenBatch:
     def target_logits(self, model: nn.Module) -> torch.Tensor:
         """Logits predicting each target token (from the previous position), [N target tokens, vocab].
 
-        Only the positions that predict a target go through the LM head (``logits_to_keep``): with a
-        large vocabulary the head over every position costs as much as the layers on small models.
-        Rows are in row-major order, so each sequence's target tokens come in order.
+        Only the N positions that predict a target go through the LM head: a pre-hook on the output
+        embeddings hands it the gathered hidden states [1, N, hidden] instead of [batch, length,
+        hidden] (with a large vocabulary the head over every position costs as much as the layers
+        on small models). Whatever the model does after the head is element-wise (e.g. soft-capping)
+        and applies unchanged. Rows are in row-major order, so each sequence's targets come in order.
         """
         rows, cols = self.target_mask.nonzero(as_tuple=True)
-        keep, column = torch.unique(cols - 1, return_inverse=True)
-        return self._forward(model, logits_to_keep=keep).logits[rows, column]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:  # no head module to hook: keep the columns that hold a target
+            keep, column = torch.unique(cols - 1, return_inverse=True)
+            return self._forward(model, logits_to_keep=keep).logits[rows, column]
+
+        def gather_targets(_head: nn.Module, args: tuple) -> tuple:
+            return (args[0][rows, cols - 1][None], *args[1:])
+
+        handle = head.register_forward_pre_hook(gather_targets)
+        try:
+            return self._forward(model).logits[0]
+        finally:
+            handle.remove()
 
     def _forward(self, model: nn.Module, **kwargs):
         return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,

@@ -1,10 +1,20 @@
-"""Skip the frozen decoder blocks below an edited layer when the same batch is run again.
+"""Skip the frozen computation below an edited module when the same batch is run again.
 
 Single-layer editors (WISE, GRACE, FT) optimise one module for tens of steps on one fixed edit
-batch. The blocks below the edited one are frozen and deterministic, so their outputs do not change
-from step to step: the first forward pass records them and later passes on the same input replay
-them, so only the embedding (cheap) and the blocks from the edited one upwards run. Replayed
-outputs are exactly the recorded tensors, so losses and gradients are unchanged.
+batch. Everything the forward pass computes before it reaches that module is frozen and
+deterministic, so it does not change from step to step: the first forward pass records it and
+later passes on the same input replay it. Two levels are replayed:
+
+- the decoder blocks below the edited one (their outputs);
+- inside the edited block, every submodule that has finished before the edited module starts (in
+  a LLaMA block editing ``mlp.down_proj``: the norms, self-attention, ``gate_proj``, ``up_proj`` and
+  the activation), since by the order of execution its output cannot depend on the edited module.
+  Only outputs that do not require grad are recorded, so nothing downstream of a trainable
+  parameter is ever replayed.
+
+So only the embedding, a few element-wise operations and the computation from the edited module
+upwards run. Replayed outputs are exactly the recorded tensors, so losses and gradients are
+unchanged.
 
 Usage::
 
@@ -21,6 +31,7 @@ meaningful on a replayed call; pass ``use_cache=False``.
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -76,10 +87,23 @@ def copied(x: Any) -> Any:
     return x
 
 
+def requires_grad(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.requires_grad
+    if isinstance(x, (tuple, list)):
+        return any(requires_grad(v) for v in x)
+    if isinstance(x, dict):
+        return any(requires_grad(v) for v in x.values())
+    return False
+
+
 @dataclass
 class Entry:
     key: tuple[tuple, dict]  # (args, kwargs) of the model call
-    outputs: dict[int, Any] = field(default_factory=dict)  # block index -> its recorded output
+    outputs: dict[int, Any] = field(default_factory=dict)  # lower block index -> its recorded output
+    # (submodule name in the edited block, call number) -> recorded output
+    inner: dict[tuple[str, int], Any] = field(default_factory=dict)
+    complete: bool = False  # the recording call has finished
 
 
 class PrefixCache:
@@ -88,27 +112,41 @@ class PrefixCache:
     def __init__(self, model: nn.Module, module_path: str, max_entries: int = 4):
         blocks, index = block_list(model, module_path)
         self.model = model
+        self.module_path = module_path
         self.blocks = list(blocks)[:index]
+        self.edited_block = blocks[index]
         self.max_entries = max_entries
         self.entries: list[Entry] = []
         self.current: Entry | None = None
         self.hits = self.misses = 0
         self._handles: list[Any] = []
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
+        self._edited_started = False  # in the current model call
+        self._calls: dict[str, int] = {}  # submodule name -> calls so far in the current model call
 
     def __enter__(self) -> "PrefixCache":
         trainable = [n for b in self.blocks for n, p in b.named_parameters() if p.requires_grad]
         if trainable:
             raise ValueError(f"the prefix cache needs frozen lower blocks; trainable: {trainable[:3]}")
+        edited = get_module(self.model, self.module_path)
         self._handles = [
             self.model.register_forward_pre_hook(self._select_entry, with_kwargs=True),
             self.model.register_forward_hook(self._leave_entry, always_call=True),
+            edited.register_forward_pre_hook(self._mark_edited_started),
         ]
         for j, block in enumerate(self.blocks):
-            # An instance attribute shadows the class's forward; nn.Module.__call__ then calls ours.
-            self._saved_forwards.append((block, block.__dict__.get("forward")))
-            block.forward = self._replaying(j, block.forward)
+            self._wrap(block, self._replaying(j, block.forward))
+        inside_edited = set(map(id, edited.modules()))
+        for name, sub in self.edited_block.named_modules():
+            holds_edited = any(m is edited for m in sub.modules())
+            if name and not holds_edited and id(sub) not in inside_edited:
+                self._wrap(sub, self._replaying_inner(name, sub.forward))
         return self
+
+    def _wrap(self, module: nn.Module, forward: Callable) -> None:
+        # An instance attribute shadows the class's forward; nn.Module.__call__ then calls ours.
+        self._saved_forwards.append((module, module.__dict__.get("forward")))
+        module.forward = forward
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -123,6 +161,7 @@ class PrefixCache:
 
     def _select_entry(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         key = (args, kwargs)
+        self._edited_started, self._calls = False, {}
         self.current = next((e for e in self.entries if same(e.key, key)), None)
         if self.current is not None:
             self.hits += 1
@@ -134,7 +173,17 @@ class PrefixCache:
         self.entries.append(self.current)
 
     def _leave_entry(self, *_: Any) -> None:
+        entry = self.current
+        if entry is not None and not entry.complete:
+            # A replayed submodule never calls its children: keep only the outermost recordings.
+            names = {name for name, _ in entry.inner}
+            outer = lambda name: not any(name.startswith(n + ".") for n in names)  # noqa: E731
+            entry.inner = {k: v for k, v in entry.inner.items() if outer(k[0])}
+            entry.complete = True
         self.current = None
+
+    def _mark_edited_started(self, *_: Any) -> None:
+        self._edited_started = True
 
     def _replaying(self, j: int, forward: Callable) -> Callable:
         def cached_forward(*args: Any, **kwargs: Any) -> Any:
@@ -146,3 +195,24 @@ class PrefixCache:
             return entry.outputs[j]
 
         return cached_forward
+
+    def _replaying_inner(self, name: str, forward: Callable) -> Callable:
+        def cached_forward(*args: Any, **kwargs: Any) -> Any:
+            entry = self.current
+            if entry is None:
+                return forward(*args, **kwargs)
+            key = (name, self._calls.get(name, 0))
+            self._calls[name] = key[1] + 1
+            if entry.complete:
+                return entry.inner[key] if key in entry.inner else forward(*args, **kwargs)
+            out = forward(*args, **kwargs)
+            if not self._edited_started and torch.is_grad_enabled() and not requires_grad(out):
+                entry.inner[key] = detached(out)
+            return out
+
+        return cached_forward
+
+
+def prefix_cache(model: nn.Module, module_path: str, enabled: bool = True) -> AbstractContextManager:
+    """``PrefixCache`` for a method's edit loop, or a no-op when the method's config turns it off."""
+    return PrefixCache(model, module_path) if enabled else nullcontext()

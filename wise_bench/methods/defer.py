@@ -19,6 +19,7 @@ from wise_bench.methods.base import Method
 from wise_bench.methods.grace import layer_inputs
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module, linear_weight, set_module
+from wise_bench.prefix_cache import prefix_cache
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DEFERConfig:
     # With this on, the gate is also trained as a classifier (binary cross-entropy): open at the
     # edit's target-predicting positions, closed at every token of the request's irrelevant text.
     gate_negatives: bool = False
+    prefix_cache: bool = True  # replay the frozen computation below the layer across steps (exact)
 
 
 class DEFERAdapter(nn.Module):
@@ -109,14 +111,15 @@ class DEFER(Method):
         losses: list[float] = []
         adapter.soft = True
         try:
-            for _ in range(self.cfg.steps):
-                loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
-                if gate_examples is not None:
-                    loss = loss + gate_classifier_loss(adapter, *gate_examples)
-                losses.append(loss.item())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            with prefix_cache(self.model, self.cfg.layer, self.cfg.prefix_cache):
+                for _ in range(self.cfg.steps):
+                    loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
+                    if gate_examples is not None:
+                        loss = loss + gate_classifier_loss(adapter, *gate_examples)
+                    losses.append(loss.item())
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
         finally:
             adapter.soft = False
         with torch.no_grad():

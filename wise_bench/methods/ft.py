@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -13,7 +12,7 @@ from wise_bench.data import Request
 from wise_bench.methods.base import WeightEditor
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module
-from wise_bench.prefix_cache import PrefixCache
+from wise_bench.prefix_cache import prefix_cache
 
 
 class FTLoss(str, enum.Enum):
@@ -33,7 +32,7 @@ class FTConfig:
     weight_decay: float = 0.0
     norm_constraint: Optional[float] = None  # clamp weights to original ± this after each step
     stop_loss: float = 1e-2  # no step is taken once the loss is below this
-    prefix_cache: bool = True  # replay the frozen blocks below the layer across steps (exact)
+    prefix_cache: bool = True  # replay the frozen computation below the layer across steps (exact)
 
 
 class FT(WeightEditor):
@@ -72,7 +71,7 @@ class FT(WeightEditor):
         self.weight.requires_grad_(True)
         opt = torch.optim.Adam([self.weight], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         losses: list[float] = []
-        cache = PrefixCache(self.model, self.cfg.layer) if self.cfg.prefix_cache else nullcontext()
+        cache = prefix_cache(self.model, self.cfg.layer, self.cfg.prefix_cache)
         try:
             with cache:
                 for _ in range(self.cfg.steps):

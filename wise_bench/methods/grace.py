@@ -20,6 +20,7 @@ from wise_bench.data import Request
 from wise_bench.methods.base import Method
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module, linear_weight, set_module
+from wise_bench.prefix_cache import prefix_cache
 
 
 class Replacement(str, enum.Enum):
@@ -41,6 +42,7 @@ class GRACEConfig:
     eps_init: float = 1.0
     replacement: Replacement = Replacement.replace_last
     distance: Distance = Distance.euclidean
+    prefix_cache: bool = True  # replay the frozen computation below the layer across steps (exact)
 
 
 # --- module swapping (shared with DEFER) ---------------------------------------------------------
@@ -213,12 +215,13 @@ class GRACE(Method):
         adapter.training_values = (trained, rows)
         losses: list[float] = []
         try:
-            for _ in range(self.cfg.n_iter):
-                loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
-                losses.append(loss.item())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            with prefix_cache(self.model, self.cfg.layer, self.cfg.prefix_cache):
+                for _ in range(self.cfg.n_iter):
+                    loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
+                    losses.append(loss.item())
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
         finally:
             adapter.training_values = None
             self.codebook.values[trained] = rows.detach()

@@ -11,7 +11,6 @@ its gradient mask, the stored shards, the merged memory (WISE-Merge) or the retr
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -27,7 +26,7 @@ from wise_bench.merge import MergeAlg, merge
 from wise_bench.methods.base import Method
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module, linear_weight, set_module
-from wise_bench.prefix_cache import PrefixCache
+from wise_bench.prefix_cache import prefix_cache
 
 
 @dataclass
@@ -55,7 +54,7 @@ class WiseConfig:
     template_lengths: List[int] = field(default_factory=lambda: [5, 10])  # tokens generated, per seed round
     template_seeds: List[str] = field(default_factory=lambda: ["I", "You", "Because", "Yes", "Q: "])
     max_mean_positions: int = 100  # at inference, longer sequences are scored by their largest delta
-    prefix_cache: bool = True  # replay the frozen blocks below the layer across steps (exact)
+    prefix_cache: bool = True  # replay the frozen computation below the layer across steps (exact)
 
 
 # --- scores and losses (pure) ----------------------------------------------------------------------
@@ -480,7 +479,7 @@ class WISE(Method):
         )
         bank.start_edit()
         replay = self._replay_batch(bank)
-        cache = PrefixCache(self.model, self.cfg.layer) if self.cfg.prefix_cache else nullcontext()
+        cache = prefix_cache(self.model, self.cfg.layer, self.cfg.prefix_cache)
         layer.editing = True
         bank.side.requires_grad_(True)
         try:
