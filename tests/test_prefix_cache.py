@@ -166,6 +166,8 @@ EDITORS = {  # the methods that edit one layer, with a few quick steps
     "grace": ["method.n_iter=4"],
     "defer": ["method.steps=4", "method.lr=1e-2"],
     "wise": ["method.n_iter=4", "method.context_templates=1", "method.template_lengths=[3]", "method.early_stop_loss=-1"],
+    "rome": ["method.v_steps=4", "method.context_templates=1", "method.context_template_length=3",
+             "method.mom2_adjustment=false", "method.stop_loss=0"],  # the cache serves the optimisation of δ
 }
 
 
@@ -189,7 +191,7 @@ def test_each_single_layer_editor_learns_the_same_edit_with_the_cache(tiny, comp
     hits = []
     real_exit = PrefixCache.__exit__
     monkeypatch.setattr(PrefixCache, "__exit__", lambda self, *exc: hits.append(self.hits) or real_exit(self, *exc))
-    request = Request(prompt="The capital of Atlantis is", target_new="Zor Ka", loc_prompt="", loc_answer="", index=0)
+    request = Request(prompt="The capital of Atlantis is", target_new="Zor Ka", loc_prompt="", loc_answer="", subject="Atlantis", index=0)
     states = []
     for cached in (False, True):
         cls, cfg = method_config(compose([f"method={name}", f"method.prefix_cache={cached}", *EDITORS[name]]))

@@ -90,6 +90,10 @@ class TokenBatch:
         """Logits at every position, [batch, length, vocab]."""
         return self._forward(model).logits
 
+    def last_logits(self, model: nn.Module) -> torch.Tensor:
+        """Logits at the last position, [batch, vocab] (left padding: every row's last token)."""
+        return self._forward(model, logits_to_keep=1).logits[:, -1]
+
     def target_logits(self, model: nn.Module) -> torch.Tensor:
         """Logits predicting each target token (from the previous position), [N target tokens, vocab].
 

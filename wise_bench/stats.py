@@ -152,7 +152,7 @@ def collect_second_moments(
             batch = TokenBatch.build([encoded[i] for i in idx], tokenizer.pad_token_id, device)
             mask = batch.attention_mask.bool()
             count += int(mask.sum())
-            batch.logits(model)
+            batch.last_logits(model)  # run for the hooks; the LM head on one position only
     finally:
         for h in handles:
             h.remove()

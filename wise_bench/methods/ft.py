@@ -61,7 +61,7 @@ class FT(WeightEditor):
 
         def prompt_last() -> torch.Tensor:
             # Left padding puts every prompt's last token in the last column.
-            logp = torch.log_softmax(prompts.logits(self.model)[:, -1].float(), dim=-1)
+            logp = torch.log_softmax(prompts.last_logits(self.model).float(), dim=-1)
             return torch.stack([-logp[row, t].mean() for row, t in enumerate(targets)]).mean()
 
         return prompt_last

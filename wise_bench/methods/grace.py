@@ -54,7 +54,7 @@ def layer_inputs(model: nn.Module, layer: nn.Module, batch: TokenBatch) -> torch
     handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     try:
         with torch.no_grad():
-            batch.logits(model)
+            batch.last_logits(model)  # run for the hooks; the LM head on one position only
     finally:
         handle.remove()
     return captured[0]

@@ -80,7 +80,7 @@ class MEMIT(WeightEditor):
         deltas, per_request = [], []
         for loc, z_i in zip(located, z):
             # δ is added to the last MLP's output, i.e. to the block output z, so it is clamped against ‖z‖.
-            delta, stats = compute_delta(self.model, self.ctx.tokenizer, self.modules[-1], loc, self.templates,
+            delta, stats = compute_delta(self.model, self.ctx.tokenizer, self.cfg.layers[-1], loc, self.templates,
                                          self.cfg, z_i.norm().item())
             deltas.append(delta)
             per_request.append({**stats, "delta_norm": delta.norm().item()})

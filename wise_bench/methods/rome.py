@@ -25,6 +25,7 @@ from wise_bench.errors import UserError
 from wise_bench.methods.base import WeightEditor
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module, linear_weight
+from wise_bench.prefix_cache import prefix_cache
 from wise_bench.stats import DEFAULT_STATS_DIR, TRAIN_TEXTS, second_moments
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class LocateConfig:
     kl_factor: float = 0.0625  # KL to the unedited prediction on "{subject} is a"
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this × ‖initial value‖
     stop_loss: float = 0.05
+    prefix_cache: bool = True  # replay the frozen computation below the δ layer across steps (exact)
     on_missing_subject: MissingSubject = MissingSubject.skip
     # Corpus of the second-moment statistics: train_texts (the run's irrelevant texts), wikitext
     # (needs internet or a cached copy), or a local .txt/.json/.jsonl file.
@@ -171,7 +173,7 @@ def vectors_at(model: nn.Module, lookup: Lookup, points: Sequence[tuple[nn.Modul
         for i, (m, kind) in enumerate(points)
     ]
     try:
-        lookup.batch.logits(model)
+        lookup.batch.last_logits(model)  # run for the hooks; the LM head on one position only
     finally:
         for h in handles:
             h.remove()
@@ -191,9 +193,10 @@ def template_average(model, tokenizer, located: Sequence[Located], templates: Se
 # --- the value: δ at the subject's last token --------------------------------------------------------
 
 
-def compute_delta(model: nn.Module, tokenizer, module: nn.Module, loc: Located, templates: Sequence[str],
+def compute_delta(model: nn.Module, tokenizer, module_path: str, loc: Located, templates: Sequence[str],
                   cfg: LocateConfig, init_norm: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """δ added to ``module``'s output at the subject's last token that makes the model predict the target.
+    """δ added to the output of the module at ``module_path`` at the subject's last token that makes
+    the model predict the target.
 
     Loss: target NLL over all context templates + KL to the unedited next-token distribution after
     "{subject} is a" (keeps what the subject is) + weight decay; ‖δ‖ is clamped to
@@ -201,6 +204,7 @@ def compute_delta(model: nn.Module, tokenizer, module: nn.Module, loc: Located, 
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
+    module = get_module(model, module_path)
     rewrite = Lookup.build(templated(tokenizer, loc, templates, loc.request.target_new), pad, device)
     kl = Lookup.build([encode_at(tokenizer, f"{loc.subject} is a", len(loc.subject))], pad, device)
     delta = torch.zeros(linear_weight(module).shape[0], device=device, requires_grad=True)
@@ -212,7 +216,7 @@ def compute_delta(model: nn.Module, tokenizer, module: nn.Module, loc: Located, 
 
     def kl_logprobs() -> torch.Tensor:
         active[0] = kl
-        return torch.log_softmax(kl.batch.logits(model)[0, -1].float(), dim=-1)
+        return torch.log_softmax(kl.batch.last_logits(model)[0].float(), dim=-1)
 
     handle = module.register_forward_hook(add_delta)
     try:
@@ -222,21 +226,22 @@ def compute_delta(model: nn.Module, tokenizer, module: nn.Module, loc: Located, 
         max_norm = cfg.clamp_norm_factor * init_norm
         losses: list[float] = []
         nlls: list[float] = []
-        for _ in range(cfg.v_steps):
-            active[0] = rewrite
-            nll = rewrite.batch.mean_target_nll(rewrite.batch.target_logits(model)).mean()
-            drift = F.kl_div(kl_logprobs(), unedited, log_target=True, reduction="sum")
-            loss = nll + cfg.kl_factor * drift + cfg.v_weight_decay * delta.norm() ** 2 / init_norm ** 2
-            losses.append(loss.item())
-            nlls.append(nll.item())
-            if losses[-1] < cfg.stop_loss:
-                break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+        with prefix_cache(model, module_path, cfg.prefix_cache):
+            for _ in range(cfg.v_steps):
+                active[0] = rewrite
+                nll = rewrite.batch.mean_target_nll(rewrite.batch.target_logits(model)).mean()
+                drift = F.kl_div(kl_logprobs(), unedited, log_target=True, reduction="sum")
+                loss = nll + cfg.kl_factor * drift + cfg.v_weight_decay * delta.norm() ** 2 / init_norm ** 2
+                losses.append(loss.item())
+                nlls.append(nll.item())
+                if losses[-1] < cfg.stop_loss:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
     finally:
         handle.remove()
     # Measured before each step: the last values are from before the last step taken (or skipped).
@@ -297,7 +302,7 @@ class ROME(WeightEditor):
         W = self.weight.detach().float()
         with torch.no_grad():
             v_init = self.module(k.to(self.weight.dtype)).float()  # the layer's output at k*
-        delta, stats = compute_delta(self.model, tok, self.module, loc, self.templates, self.cfg, v_init.norm().item())
+        delta, stats = compute_delta(self.model, tok, self.cfg.layer, loc, self.templates, self.cfg, v_init.norm().item())
         v_star = W @ k + delta  # what the linear map must send k* to (a bias cancels out)
         u = k if self.mom2 is None else solve_mom2(self.mom2, k)
         with torch.no_grad():
