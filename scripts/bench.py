@@ -38,7 +38,7 @@ from wise_bench.data import load_dataset  # noqa: E402
 from wise_bench.loop import method_config  # noqa: E402
 from wise_bench.methods import EditContext  # noqa: E402
 from wise_bench.metrics import Evaluator, TokenBatch  # noqa: E402
-from wise_bench.models import load_model, load_tokenizer, pick_device  # noqa: E402
+from wise_bench.models import input_device, load_model, load_tokenizer, pick_device  # noqa: E402
 
 
 def naive_target_logits(batch: TokenBatch, model) -> torch.Tensor:
@@ -60,9 +60,9 @@ def build(cfg, prefix_cache: bool):
     if has_fast_path:
         method_cfg.prefix_cache = prefix_cache
     tok = load_tokenizer(cfg.model)
-    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, len(tok), device)
+    model = load_model(cfg.model, len(tok), pick_device(cfg.device))
+    device = input_device(model)
     dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits)
     method = cls(method_cfg, model, EditContext(tok, dataset.train_texts, device, cfg.seed))
     return model, tok, method, dataset, has_fast_path

@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from wise_bench.config import DataFormat
 from wise_bench.data import Request
+from wise_bench.errors import UserError
 from wise_bench.loop import method_config, run
 from wise_bench.merge import merge
 from wise_bench.methods import METHODS, EditContext
@@ -279,3 +280,20 @@ def test_method_configs_and_a_loop_run(compose, data_dir, tmp_path):
     for mode in ("sequential", "single"):
         results = run(compose(["method=wise", f"edit_mode={mode}", "eval_every=1", *small]), tmp_path / mode)
         assert {"rel", "gen", "loc"} <= results.keys()
+
+
+def test_device_map_auto_places_the_model_and_a_wise_run_scores_the_same(compose, data_dir, tmp_path):
+    """model.device_map=auto (accelerate) on the committed tiny model: here everything lands on the
+    CPU, and a WISE run gives exactly the scores of the ordinary load."""
+    small = ["model=tiny", "method=wise", "method.n_iter=3", "method.context_templates=1", "method.template_lengths=[3]",
+             f"data_dir={data_dir}", "num_edits=2", "eval_every=2"]
+    from wise_bench.models import input_device, load_model, load_tokenizer
+
+    cfg = compose([*small, "model.device_map=auto"])
+    model = load_model(cfg.model, len(load_tokenizer(cfg.model)), torch.device("cpu"))
+    assert input_device(model).type == "cpu" and not any(p.requires_grad for p in model.parameters())
+    plain = run(compose(small), tmp_path / "plain")
+    mapped = run(cfg, tmp_path / "mapped")
+    assert {k: plain[k] for k in ("rel", "gen", "loc")} == {k: mapped[k] for k in ("rel", "gen", "loc")}
+    with pytest.raises(UserError, match="device_map needs weights"):
+        run(compose(["model=tiny_random", "model.device_map=auto", f"data_dir={data_dir}", "num_edits=2"]), tmp_path / "r")

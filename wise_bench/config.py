@@ -76,6 +76,9 @@ class ModelConfig:
     name_or_path: Optional[str] = None
     tokenizer: Optional[str] = None  # defaults to name_or_path
     dtype: DType = DType.float32
+    # "auto" (or any Hugging Face device_map): spread the weights over all visible GPUs, for models
+    # larger than one GPU; inputs then go to the embedding's device. null: the whole model on `device`.
+    device_map: Optional[str] = None
     random_init: Optional[RandomInitConfig] = None
     # Edited module(s) per method family, as the literature writes them, e.g.
     # {wise: "model.layers[27].mlp.down_proj", memit: ["model.layers[4].mlp.down_proj", ...]}.

@@ -33,7 +33,7 @@ from wise_bench.errors import UserError
 from wise_bench.loggers import make_logger
 from wise_bench.methods import METHODS, EditContext, Method
 from wise_bench.metrics import SCORERS, Evaluator, aggregate
-from wise_bench.models import check_module_paths, load_model, load_tokenizer, pick_device
+from wise_bench.models import check_module_paths, input_device, load_model, load_tokenizer, pick_device
 from wise_bench.results import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_module_paths(cfg.model, len(tokenizer), cls.module_paths(method_cfg))
 
     set_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    model = load_model(cfg.model, len(tokenizer), device)
+    model = load_model(cfg.model, len(tokenizer), pick_device(cfg.device))
+    device = input_device(model)
     method = cls(method_cfg, model, EditContext(tokenizer, dataset.train_texts, device, cfg.seed))
 
     # Requests per edit step; in paper_chunks a step never crosses a chunk (batch_size = chunk_size: MEMIT-MASS).

@@ -114,19 +114,30 @@ def check_module_paths(cfg: ModelConfig, vocab_size: int, paths: list[str]) -> N
 
 
 def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> nn.Module:
+    """The model in eval mode with gradients off, on ``device`` (or placed by ``cfg.device_map``)."""
     dtype = getattr(torch, cfg.dtype.value if hasattr(cfg.dtype, "value") else cfg.dtype)
     if cfg.random_init is not None:
+        if cfg.device_map is not None:
+            raise UserError(f"model '{cfg.name}': model.device_map needs weights to load (name_or_path), not random_init")
         torch.manual_seed(cfg.random_init.seed)
         model = AutoModelForCausalLM.from_config(model_config(cfg, vocab_size)).to(dtype)
     else:
         source = resolve_name_or_path(_require_path(cfg))
+        placement = {} if cfg.device_map is None else {"device_map": cfg.device_map}
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
         except (OSError, ValueError) as e:
             raise UserError(f"model '{cfg.name}': cannot load weights from '{source}': {e}") from None
-    model.to(device).eval()
+    if cfg.device_map is None:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     return model
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (the first GPU of a model spread by device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 # --- module paths ---------------------------------------------------------------------------------

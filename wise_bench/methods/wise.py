@@ -326,7 +326,8 @@ class SideMemoryLayer(nn.Module):
         if self.attention_mask is None:
             return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         # With a KV cache the mask also covers past positions; this call sees the last ones.
-        return self.attention_mask[:, -x.shape[1]:].bool()
+        # (.to: with device_map the mask lives on the first GPU, this layer maybe on another)
+        return self.attention_mask[:, -x.shape[1]:].bool().to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         original = self.base(x)
