@@ -107,7 +107,7 @@ class Entry:
 
 
 class PrefixCache:
-    """While active, blocks below the edited one replay their outputs for a model call seen before."""
+    """While active, the frozen computation below the edited module replays for a model call seen before."""
 
     def __init__(self, model: nn.Module, module_path: str, max_entries: int = 4):
         blocks, index = block_list(model, module_path)
@@ -177,8 +177,7 @@ class PrefixCache:
         if entry is not None and not entry.complete:
             # A replayed submodule never calls its children: keep only the outermost recordings.
             names = {name for name, _ in entry.inner}
-            outer = lambda name: not any(name.startswith(n + ".") for n in names)  # noqa: E731
-            entry.inner = {k: v for k, v in entry.inner.items() if outer(k[0])}
+            entry.inner = {k: v for k, v in entry.inner.items() if not any(k[0].startswith(n + ".") for n in names)}
             entry.complete = True
         self.current = None
 
