@@ -12,8 +12,9 @@ every position (the way EasyEdit runs), and evaluation one request at a time, un
   method without a prefix cache reports the LM-head gain alone.
 - Evaluation: requests per second of the batched, length-sorted evaluator (LM head at target
   positions) against scoring one request at a time with the naive forward; the per-request values
-  must be identical.
-- Memory: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
+  must agree (perplexities to 1e-5, relative).
+- Memory: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU, and what is in use after
+  loading the models.
 """
 from __future__ import annotations
 
@@ -47,9 +48,15 @@ def naive_target_logits(batch: TokenBatch, model) -> torch.Tensor:
     return batch.logits(model)[rows, cols - 1]
 
 
+def naive_last_logits(batch: TokenBatch, model) -> torch.Tensor:
+    """The reference for ``TokenBatch.last_logits``: logits at every position, then the last one."""
+    return batch.logits(model)[:, -1]
+
+
 @contextmanager
 def naive_forward():
-    with mock.patch.object(TokenBatch, "target_logits", naive_target_logits):
+    with mock.patch.object(TokenBatch, "target_logits", naive_target_logits), \
+            mock.patch.object(TokenBatch, "last_logits", naive_last_logits):
         yield
 
 
