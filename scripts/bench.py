@@ -40,6 +40,7 @@ from wise_bench.loop import method_config  # noqa: E402
 from wise_bench.methods import EditContext  # noqa: E402
 from wise_bench.metrics import Evaluator, TokenBatch  # noqa: E402
 from wise_bench.models import input_device, load_model, load_tokenizer, pick_device  # noqa: E402
+from wise_bench.prefix_cache import tensors_in  # noqa: E402
 
 
 def naive_target_logits(batch: TokenBatch, model) -> torch.Tensor:
@@ -75,19 +76,8 @@ def build(cfg, prefix_cache: bool):
     return model, tok, method, dataset, has_fast_path
 
 
-def state_tensors(state) -> list[torch.Tensor]:
-    """Every tensor in a method's state_dict (nested dicts and lists), in a fixed order."""
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for k in sorted(state) for t in state_tensors(state[k])]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in state_tensors(v)]
-    return []
-
-
 def max_state_difference(a, b) -> float:
-    ta, tb = state_tensors(a.state_dict()), state_tensors(b.state_dict())
+    ta, tb = tensors_in(a.state_dict()), tensors_in(b.state_dict())
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return math.inf
     return max(((x.float() - y.float()).abs().max().item() for x, y in zip(ta, tb) if x.numel()), default=0.0)

@@ -4,7 +4,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from wise_bench.errors import UserError
 from wise_bench.metrics import TokenBatch, encode_pair
-from wise_bench.prefix_cache import PrefixCache, block_list
+from wise_bench.prefix_cache import PrefixCache, block_list, tensors_in
 
 LAYER = "model.layers[3].mlp.down_proj"
 
@@ -171,16 +171,6 @@ EDITORS = {  # the methods that edit one layer, with a few quick steps
 }
 
 
-def tensors(state):
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for k in sorted(state) for t in tensors(state[k])]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in tensors(v)]
-    return []
-
-
 @pytest.mark.parametrize("name", sorted(EDITORS))
 def test_each_single_layer_editor_learns_the_same_edit_with_the_cache(tiny, compose, monkeypatch, name):
     from wise_bench.data import Request
@@ -198,7 +188,7 @@ def test_each_single_layer_editor_learns_the_same_edit_with_the_cache(tiny, comp
         method = cls(cfg, model, EditContext(tok, ["an irrelevant sentence about the sea"], torch.device("cpu"), 0))
         try:
             method.edit([request])
-            states.append(tensors(method.state_dict()))
+            states.append(tensors_in(method.state_dict()))
         finally:
             method.restore()
     assert len(hits) == 1 and hits[0] >= 3  # only the cached run entered it, and replayed steps 2-4

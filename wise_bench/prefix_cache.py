@@ -66,35 +66,26 @@ def same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and a == b)
 
 
-def detached(x: Any) -> Any:
+def map_tensors(fn: Callable[[torch.Tensor], Any], x: Any) -> Any:
+    """``x`` with ``fn`` applied to every tensor in it (tuples, lists and dicts are walked)."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(detached(v) for v in x)
+        return type(x)(map_tensors(fn, v) for v in x)
     if isinstance(x, dict):
-        return {k: detached(v) for k, v in x.items()}
+        return {k: map_tensors(fn, v) for k, v in x.items()}
     return x
 
 
-def copied(x: Any) -> Any:
-    """A copy of call arguments that later in-place changes by the caller cannot alter."""
+def tensors_in(x: Any) -> list[torch.Tensor]:
+    """Every tensor in ``x`` (tuples, lists and dicts are walked), in order."""
     if isinstance(x, torch.Tensor):
-        return x.detach().clone()
+        return [x]
     if isinstance(x, (tuple, list)):
-        return type(x)(copied(v) for v in x)
+        return [t for v in x for t in tensors_in(v)]
     if isinstance(x, dict):
-        return {k: copied(v) for k, v in x.items()}
-    return x
-
-
-def requires_grad(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return x.requires_grad
-    if isinstance(x, (tuple, list)):
-        return any(requires_grad(v) for v in x)
-    if isinstance(x, dict):
-        return any(requires_grad(v) for v in x.values())
-    return False
+        return [t for v in x.values() for t in tensors_in(v)]
+    return []
 
 
 @dataclass
@@ -169,7 +160,8 @@ class PrefixCache:
         self.misses += 1
         if len(self.entries) >= self.max_entries:
             self.entries.pop(0)
-        self.current = Entry(copied(key))
+        # A copy that later in-place changes by the caller cannot alter.
+        self.current = Entry(map_tensors(lambda t: t.detach().clone(), key))
         self.entries.append(self.current)
 
     def _leave_entry(self, *_: Any) -> None:
@@ -190,7 +182,7 @@ class PrefixCache:
             if entry is None:  # the block is called on its own, not through the model
                 return forward(*args, **kwargs)
             if j not in entry.outputs:
-                entry.outputs[j] = detached(forward(*args, **kwargs))
+                entry.outputs[j] = map_tensors(torch.Tensor.detach, forward(*args, **kwargs))
             return entry.outputs[j]
 
         return cached_forward
@@ -205,8 +197,8 @@ class PrefixCache:
             if entry.complete:
                 return entry.inner[key] if key in entry.inner else forward(*args, **kwargs)
             out = forward(*args, **kwargs)
-            if not self._edited_started and torch.is_grad_enabled() and not requires_grad(out):
-                entry.inner[key] = detached(out)
+            if not self._edited_started and torch.is_grad_enabled() and not any(t.requires_grad for t in tensors_in(out)):
+                entry.inner[key] = map_tensors(torch.Tensor.detach, out)
             return out
 
         return cached_forward
