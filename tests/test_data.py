@@ -5,6 +5,7 @@ from conftest import COUNTERFACT, HALLUCINATION, TEMPORAL, ZSRE, write_json
 
 from wise_bench.config import DataFormat, DatasetConfig
 from wise_bench.data import DataError, load_dataset, read_requests
+from wise_bench.errors import UserError
 
 
 def zsre_cfg(**kw):
@@ -27,6 +28,33 @@ def test_zsre_maps_fields_and_aligns_irrelevant_texts(data_dir):
         "nq question: boiling point of water 100 degrees",
         "nq question: who wrote hamlet William Shakespeare",
     ]
+
+
+def test_train_offset_shifts_the_irrelevant_texts_and_max_records_bounds_the_split(data_dir):
+    # A tuning split takes edits and irrelevant texts from one file: request i gets text i + offset.
+    ds = load_dataset(zsre_cfg(train_offset=1), data_dir, num_edits=3)
+    assert ds.train_texts == [
+        "nq question: boiling point of water 100 degrees",
+        "nq question: who wrote hamlet William Shakespeare",
+        "nq question: boiling point of water 100 degrees",
+    ]
+    assert len(load_dataset(zsre_cfg(max_records=2), data_dir, num_edits=2).requests) == 2
+    with pytest.raises(UserError, match="holds the first 2 records of zsre/zsre_mend_edit.json, but num_edits=3"):
+        load_dataset(zsre_cfg(max_records=2), data_dir, num_edits=3)
+
+
+def test_tuning_splits_never_overlap_the_evaluated_records(compose, shared_data):
+    # The tuning splits (dataset=zsre_tune / counterfact_tune) hold other records than the edit sets.
+    # ZsRE's train and eval splits share no question; CounterFact shares no case id, but 3 of the
+    # 500 tuning prompts are also edit-set prompts of a multi-valued relation (twin city, language)
+    # with another true object.
+    for tune, evaluated, max_shared in (("zsre_tune", "zsre", 0), ("counterfact_tune", "counterfact_1k", 3)):
+        t, e = compose([f"dataset={tune}"]).dataset, compose([f"dataset={evaluated}"]).dataset
+        tuned = load_dataset(t, shared_data, t.max_records).requests
+        prompts = {r.prompt for r in load_dataset(e, shared_data, 1000).requests}
+        assert len(tuned) == 500 and len(prompts & {r.prompt for r in tuned}) == max_shared
+    ids = lambda f: {r["case_id"] for r in json.loads((shared_data / f).read_text())}  # noqa: E731
+    assert not ids("counterfact/counterfact-train.json") & ids("counterfact/counterfact-edit-1k.json")
 
 
 def test_train_file_needs_only_its_locality_fields(data_dir):

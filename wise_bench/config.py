@@ -95,6 +95,11 @@ class DatasetConfig:
     edit_file: str = MISSING  # relative to data_dir
     # Source of the "irrelevant" texts (loc + " " + loc_ans) some methods train against.
     train_file: Optional[str] = None
+    # Request i trains against irrelevant text (i + train_offset) of train_file (cycled), so that a
+    # split may take both its edits and its irrelevant texts from one file without overlap.
+    train_offset: int = 0
+    # Only the first max_records records of edit_file belong to the split (e.g. a tuning split).
+    max_records: Optional[int] = None
     metrics: List[MetricName] = field(default_factory=lambda: [MetricName.rel, MetricName.gen, MetricName.loc])
 
 
@@ -140,7 +145,15 @@ class Config:
     device: Device = Device.auto
 
 
+@dataclass
+class CalibrateConfig(Config):
+    """``python -m wise_bench.calibrate``: the run's config plus where the measured values go."""
+
+    out: str = "${repo_root:}/conf/calibration/${model.name}.yaml"
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_calibrate_config", node=CalibrateConfig)

@@ -169,12 +169,15 @@ def read_requests(path: Path, fmt: DataFormat, limit: int | None = None) -> list
 def load_dataset(cfg, data_dir: str | Path, num_edits: int) -> EditDataset:
     """The first ``num_edits`` requests of ``cfg.edit_file`` and the aligned irrelevant texts."""
     data_dir = Path(data_dir)
+    if cfg.max_records is not None and num_edits > cfg.max_records:
+        raise UserError(f"dataset={cfg.name} holds the first {cfg.max_records} records of {cfg.edit_file}, "
+                        f"but num_edits={num_edits} were asked for")
     requests = read_requests(data_dir / cfg.edit_file, cfg.format, num_edits)
     train_texts: list[str] = []
     if cfg.train_file:
         train = read_irrelevant_texts(data_dir / cfg.train_file, cfg.format)
         # Cycled when shorter than the edit stream (WISE spec).
-        train_texts = [train[i % len(train)] for i in range(len(requests))]
+        train_texts = [train[(i + cfg.train_offset) % len(train)] for i in range(len(requests))]
     return EditDataset(name=cfg.name, requests=requests, train_texts=train_texts)
 
 

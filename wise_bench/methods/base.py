@@ -1,7 +1,7 @@
 """The protocol every editing method implements. The loop, metrics and loggers only see this."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +18,17 @@ class EditContext:
     train_texts: list[str]
     device: torch.device
     seed: int
+
+
+@dataclass
+class Calibration:
+    """Model-dependent hyperparameters measured on a tuning split (``python -m wise_bench.calibrate``).
+
+    ``values`` are keys of ``model.hparams`` (the method's YAML reads them); ``measured`` holds the
+    statistics they were derived from, written beside them as comments."""
+
+    values: dict[str, Any]
+    measured: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -49,6 +60,10 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    # Methods whose hyperparameters are absolute numbers tied to the model's activation scale set
+    # ``calibrate = classmethod(...)``: (cfg, model, ctx, requests of a tuning split) -> Calibration.
+    calibrate: ClassVar[Any] = None
 
 
 class WeightEditor(Method):

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from wise_bench.data import Request
-from wise_bench.methods.base import Method
+from wise_bench.methods.base import Calibration, Method
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module, linear_weight, set_module
 from wise_bench.prefix_cache import prefix_cache
@@ -243,11 +243,55 @@ class GRACE(Method):
     def state_dict(self) -> dict[str, Any]:
         return self.codebook.state()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.restore()
-        self.codebook = Codebook(state["keys"].clone(), state["values"].clone(), state["eps"].clone(), list(state["labels"]))
-        if len(self.codebook):
-            self._install()
+    @classmethod
+    def calibrate(cls, cfg: GRACEConfig, model, ctx, requests: list[Request]) -> Calibration:
+        """eps_init from the geometry of the layer's inputs on a tuning split.
+
+        GRACE edits one input: a new key's ball should reach no other input, neither unrelated text
+        (locality) nor a paraphrase (GRACE does not generalise by design). eps_init is half the 1%
+        quantile of the distance from those other inputs (every position of the requests' irrelevant
+        texts, and each paraphrase where it predicts the target) to the nearest edit key."""
+        layer, tok, pad = get_module(model, cfg.layer), ctx.tokenizer, ctx.tokenizer.pad_token_id
+        edits = [encode_pair(tok, r.prompt, r.target_new) for r in requests]
+        keys = last_prompt_inputs(model, layer, edits, pad, ctx.device)
+        irrelevant = [Encoded(tuple(tok(f"{r.loc_prompt} {r.loc_answer}".rstrip())["input_ids"]), ()) for r in requests]
+        d_irrelevant = nearest_distances(all_position_inputs(model, layer, irrelevant, pad, ctx.device), keys)
+        paraphrases = [encode_pair(tok, r.rephrase_prompt, r.target_new) for r in requests if r.rephrase_prompt]
+        d_para = torch.zeros(0)
+        if paraphrases:
+            d_para = nearest_distances(last_prompt_inputs(model, layer, paraphrases, pad, ctx.device), keys)
+        others = torch.cat([d_irrelevant, d_para])
+        eps = 0.5 * float(torch.quantile(others[others > 0], 0.01))  # 0: a paraphrase equal to a prompt
+        measured = {"requests": len(requests), "irrelevant_positions": len(d_irrelevant),
+                    "other_inputs_to_nearest_key_q01": 2 * eps,
+                    "irrelevant_to_nearest_key_median": float(d_irrelevant.median()),
+                    "irrelevant_within_eps": float((d_irrelevant <= eps).float().mean())}
+        if paraphrases:
+            measured |= {"paraphrase_to_nearest_key_median": float(d_para.median()),
+                         "paraphrases_within_eps": float((d_para <= eps).float().mean())}
+        return Calibration({"grace_eps_init": float(f"{eps:.4g}")}, measured)
+
+
+def last_prompt_inputs(model, layer, seqs: list[Encoded], pad_id: int, device, batch_size: int = 32) -> torch.Tensor:
+    """The layer's input at the position predicting each sequence's first target token, [n, in]."""
+    out = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s:s + batch_size]
+        out.append(key_vectors(layer_inputs(model, layer, TokenBatch.build(chunk, pad_id, device)), chunk))
+    return torch.cat(out).float()
+
+
+def all_position_inputs(model, layer, seqs: list[Encoded], pad_id: int, device, batch_size: int = 32) -> torch.Tensor:
+    """The layer's input at every real position of every sequence, [positions, in]."""
+    out = []
+    for s in range(0, len(seqs), batch_size):
+        batch = TokenBatch.build(seqs[s:s + batch_size], pad_id, device)
+        out.append(layer_inputs(model, layer, batch)[batch.attention_mask.bool()])
+    return torch.cat(out).float()
+
+
+def nearest_distances(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(queries, keys, compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
 
 
 def key_vectors(inputs: torch.Tensor, encoded: list[Encoded]) -> torch.Tensor:

@@ -11,19 +11,19 @@ its gradient mask, the stored shards, the merged memory (WISE-Merge) or the retr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 from transformers.activations import ACT2FN
 
 from wise_bench.data import Request
 from wise_bench.errors import UserError
 from wise_bench.merge import MergeAlg, merge
-from wise_bench.methods.base import Method
+from wise_bench.methods.base import Calibration, Method
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
 from wise_bench.models import get_module, linear_weight, set_module
 from wise_bench.prefix_cache import prefix_cache
@@ -406,6 +406,25 @@ def run_model(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     ).logits
 
 
+def margins_from_probe(in_scope: torch.Tensor) -> list[float]:
+    """(alpha, beta, gamma): beta = the median in-scope score of edits made without routing terms;
+    alpha and gamma in the reference's proportions to it (5 : 20 : 10)."""
+    beta = float(in_scope.float().median())
+    return [float(f"{beta / k:.4g}") for k in (4, 1, 2)]
+
+
+def routing_ratio(irrelevant: torch.Tensor, floor: float, max_routed: float = 0.01) -> float:
+    """The smallest act_ratio in 0.30, 0.35, ..., 0.95 whose threshold (ratio x ``floor``, the smallest
+    in-scope score) routes at most ``max_routed`` of the irrelevant scores to a side memory."""
+    ratios = [round(0.30 + 0.05 * i, 2) for i in range(14)]
+    return next((q for q in ratios if float((irrelevant >= q * floor).float().mean()) <= max_routed), ratios[-1])
+
+
+def with_values(cfg: Any, **values: Any) -> Any:
+    """A copy of a method config (dataclass or structured DictConfig) with some keys changed."""
+    return replace(cfg, **values) if is_dataclass(cfg) else OmegaConf.merge(cfg, values)
+
+
 # --- the method ---------------------------------------------------------------------------------
 
 
@@ -550,3 +569,52 @@ class WISE(Method):
         self.restore()
         if state:
             self._install().bank.load(state)
+
+    # --- calibration (python -m wise_bench.calibrate) ---
+
+    def side_memory_scores(self, seqs: list[Encoded]) -> torch.Tensor:
+        """Each sequence's activation score under the current side memory (no routing)."""
+        layer = self._install()
+        layer.editing = True
+        try:
+            with torch.no_grad():
+                run_model(self.model, TokenBatch.build(seqs, self.ctx.tokenizer.pad_token_id, self.ctx.device))
+            return layer.scores.float().cpu()
+        finally:
+            layer.editing, layer.scores = False, None
+
+    @classmethod
+    def calibrate(cls, cfg: WiseConfig, model: nn.Module, ctx, requests: list[Request]) -> Calibration:
+        """Margins and act_ratio from the activation scores edits produce on this model.
+
+        1. Probe edits with the edit loss alone (routing terms off), one request each from the
+           unedited model: beta = the median in-scope score such an edit reaches by itself;
+           alpha and gamma keep the reference's proportions (5 : 20 : 10).
+        2. A sequential run with those margins on the same requests: act_ratio is the smallest ratio
+           (0.30-0.95, steps of 0.05) whose threshold (ratio x the smallest in-scope score) keeps at
+           least 99% of the requests' irrelevant texts on the main memory; paraphrases above it are
+           what Gen can reach."""
+        tok = ctx.tokenizer
+        probe = cls(with_values(cfg, act_margin=[1e9, -1e9, -1e9]), model, ctx)  # hinge terms never active
+        natural = []
+        for r in requests:
+            natural.append(probe.edit([r])["score"])
+            probe.restore()
+        margins = margins_from_probe(torch.tensor(natural))
+
+        run = cls(with_values(cfg, act_margin=margins), model, ctx)
+        for r in requests:
+            run.edit([r])
+        floor = run.layer.bank.side_min
+        irrelevant = run.side_memory_scores([encode_pair(tok, r.loc_prompt, r.loc_answer) for r in requests])
+        para = run.side_memory_scores([encode_pair(tok, r.rephrase_prompt, r.target_new) for r in requests if r.rephrase_prompt])
+        run.restore()
+        ratio = routing_ratio(irrelevant, floor)
+        measured = {"requests": len(requests), "probe_in_scope_score_median": margins[1],
+                    "probe_in_scope_score_q10": float(torch.tensor(natural).quantile(0.1)),
+                    "sequential_min_in_scope_score": floor,
+                    "irrelevant_score_q99": float(irrelevant.quantile(0.99)),
+                    "irrelevant_routed_at_ratio": float((irrelevant >= ratio * floor).float().mean())}
+        if len(para):
+            measured["paraphrases_routed_at_ratio"] = float((para >= ratio * floor).float().mean())
+        return Calibration({"wise_act_margin": margins, "wise_act_ratio": ratio}, measured)

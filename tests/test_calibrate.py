@@ -1,0 +1,136 @@
+"""python -m wise_bench.calibrate: the rules on hand-made numbers, on a tiny random model whose
+activation scale the test sets, and the file it writes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, ZSRE
+from omegaconf import OmegaConf
+
+from wise_bench.calibrate import method_block, write_block
+from wise_bench.config import ModelConfig, RandomInitConfig
+from wise_bench.data import Request
+from wise_bench.methods import METHODS, EditContext
+from wise_bench.methods.grace import GRACEConfig
+from wise_bench.methods.wise import WiseConfig, margins_from_probe, routing_ratio
+from wise_bench.models import get_module, load_model, load_tokenizer
+
+LAYER = "model.layers[2].mlp.down_proj"
+REQS = [Request(prompt=r["src"], target_new=r["alt"], loc_prompt=r["loc"], loc_answer=r["loc_ans"],
+                rephrase_prompt=r["rephrase"], index=i) for i, r in enumerate(ZSRE)]
+
+
+def scaled_model(scale: float):
+    """tiny_random with the edited layer's input multiplied by ``scale`` (up_proj scaled: the
+    down projection's input is act(gate x) * up x)."""
+    cfg = ModelConfig(name="tiny_random", random_init=RandomInitConfig())
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, len(tok), torch.device("cpu"))
+    with torch.no_grad():
+        get_module(model, "model.layers[2].mlp.up_proj").weight.mul_(scale)
+    return model, tok
+
+
+def grace_eps(model, tok) -> tuple[float, dict]:
+    cfg = OmegaConf.merge(OmegaConf.structured(GRACEConfig), {"name": "grace", "layer": LAYER})
+    result = METHODS["grace"].calibrate(cfg, model, EditContext(tok, [], torch.device("cpu"), 0), REQS)
+    return result.values["grace_eps_init"], result.measured
+
+
+def down_proj_inputs(model, tok, text: str) -> torch.Tensor:
+    """The layer's input at every position of ``text`` alone (no batching, no padding)."""
+    seen = []
+    hook = get_module(model, LAYER).register_forward_pre_hook(lambda _m, a: seen.append(a[0][0]))
+    with torch.no_grad():
+        model(**tok(text, return_tensors="pt"))
+    hook.remove()
+    return seen[0]
+
+
+def test_grace_radius_is_half_the_1pct_quantile_of_other_inputs_distance_to_the_keys():
+    model, tok = scaled_model(1.0)
+    eps, measured = grace_eps(model, tok)
+    # By hand: keys at the position before each target; others = every position of each
+    # irrelevant text and each paraphrase's key position; distance to the nearest key.
+    def key(prompt, target):
+        # the position before the first token holding a character of the target
+        offsets = tok(f"{prompt} {target}", return_offsets_mapping=True)["offset_mapping"]
+        first = next(i for i, (_, end) in enumerate(offsets) if end > len(prompt) + 1)
+        return down_proj_inputs(model, tok, f"{prompt} {target}")[first - 1]
+
+    keys = torch.stack([key(r.prompt, r.target_new) for r in REQS])
+    others = [down_proj_inputs(model, tok, f"{r.loc_prompt} {r.loc_answer}") for r in REQS]
+    others += [key(r.rephrase_prompt, r.target_new)[None] for r in REQS]
+    d = torch.cdist(torch.cat(others), keys).min(-1).values
+    assert eps == pytest.approx(0.5 * float(torch.quantile(d, 0.01)), rel=1e-3)
+    assert measured["irrelevant_within_eps"] <= 0.01
+
+
+def test_grace_radius_follows_the_activation_scale():
+    eps1, _ = grace_eps(*scaled_model(1.0))
+    eps30, _ = grace_eps(*scaled_model(30.0))
+    assert eps30 == pytest.approx(30 * eps1, rel=1e-3)
+
+
+def test_wise_margins_keep_the_reference_proportions_of_the_probe_median():
+    # median of [10, 40, 20, 30, 50] = 30: alpha 7.5, beta 30, gamma 15 (the reference's 5:20:10)
+    assert margins_from_probe(torch.tensor([10.0, 40.0, 20.0, 30.0, 50.0])) == [7.5, 30.0, 15.0]
+
+
+def test_wise_ratio_is_the_smallest_that_keeps_99pct_of_irrelevant_texts_out():
+    irrelevant = torch.arange(100, dtype=torch.float32)  # scores 0..99
+    # floor 100: ratio r routes the scores >= 100 r; 0.99 would allow 1 of 100, the grid stops at
+    # 0.95, which routes 5: no ratio qualifies, so the strictest is returned.
+    assert routing_ratio(irrelevant, 100.0) == 0.95
+    # floor 200: r = 0.50 routes scores >= 100: none; 0.45 routes >= 90: ten (10%) -> 0.50.
+    assert routing_ratio(irrelevant, 200.0) == 0.5
+    # floor 1000: even 0.30 (>= 300) routes none.
+    assert routing_ratio(irrelevant, 1000.0) == 0.3
+
+
+def test_wise_calibration_runs_its_probes_on_a_model():
+    model, tok = scaled_model(1.0)
+    cfg = OmegaConf.merge(OmegaConf.structured(WiseConfig), {
+        "name": "wise", "layer": LAYER, "n_iter": 5, "context_templates": 1, "template_lengths": [2]})
+    texts = [f"{r.loc_prompt} {r.loc_answer}" for r in REQS]
+    result = METHODS["wise"].calibrate(cfg, model, EditContext(tok, texts, torch.device("cpu"), 0), REQS)
+    margins, m = result.values["wise_act_margin"], result.measured
+    beta = margins[1]
+    assert beta == pytest.approx(m["probe_in_scope_score_median"], rel=1e-3) and margins == pytest.approx([beta / 4, beta, beta / 2], rel=1e-3)
+    assert 0.3 <= result.values["wise_act_ratio"] <= 0.95
+    assert m["irrelevant_routed_at_ratio"] <= 0.01 or result.values["wise_act_ratio"] == 0.95
+    # The probes leave the model as it was.
+    assert type(get_module(model, LAYER)).__name__ == "Linear"
+
+
+def test_write_block_replaces_one_method_and_keeps_the_others(tmp_path):
+    path = tmp_path / "m.yaml"
+    write_block(path, "wise", method_block("wise", {"wise_act_ratio": 0.5}, {"n": 3}, "cmd"))
+    write_block(path, "grace", method_block("grace", {"grace_eps_init": 2.0}, {}, "cmd"))
+    write_block(path, "wise", method_block("wise", {"wise_act_ratio": 0.7}, {"n": 4}, "cmd"))
+    assert OmegaConf.to_container(OmegaConf.load(path)) == {"grace_eps_init": 2.0, "wise_act_ratio": 0.7}
+    text = path.read_text()
+    assert text.count("# --- wise ---") == 1 and "#   n: 4" in text and "#   n: 3" not in text
+
+
+def test_model_config_composes_its_calibration(compose):
+    if not (REPO / "conf" / "model" / "small.yaml").exists():
+        pytest.skip("model=small not yet added")
+    cfg = compose(["model=small", "method=grace"])
+    calibrated = OmegaConf.load(REPO / "conf" / "calibration" / "small.yaml") or {}
+    for key, value in calibrated.items():
+        assert cfg.model.hparams[key] == value
+    if "grace_eps_init" in calibrated:
+        assert cfg.method.eps_init == calibrated["grace_eps_init"]
+
+
+def test_calibrate_cli_writes_the_file_and_refuses_uncalibrated_methods(tmp_path, data_dir):
+    out = tmp_path / "cal.yaml"
+    base = [sys.executable, "-m", "wise_bench.calibrate", "model=tiny_random", f"data_dir={data_dir}",
+            "dataset=zsre", "num_edits=3", f"out={out}", f"hydra.run.dir={tmp_path}/run"]
+    done = subprocess.run(base + ["method=grace"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert OmegaConf.load(out).grace_eps_init > 0
+    refused = subprocess.run(base + ["method=ft_m"], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "no scale-dependent hyperparameter" in refused.stdout + refused.stderr
