@@ -13,6 +13,7 @@ from wise_bench.config import ModelConfig, RandomInitConfig
 from wise_bench.data import Request
 from wise_bench.methods import METHODS, EditContext
 from wise_bench.methods.grace import GRACEConfig
+from wise_bench.methods.rome import locate
 from wise_bench.methods.wise import WiseConfig, margins_from_probe, routing_ratio
 from wise_bench.models import get_module, load_model, load_tokenizer
 
@@ -134,3 +135,31 @@ def test_calibrate_cli_writes_the_file_and_refuses_uncalibrated_methods(tmp_path
     assert OmegaConf.load(out).grace_eps_init > 0
     refused = subprocess.run(base + ["method=ft_m"], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "no scale-dependent hyperparameter" in refused.stdout + refused.stderr
+
+
+def test_memit_lambda_gives_the_median_edit_key_the_references_weight(tmp_path):
+    from wise_bench.methods.memit import REFERENCE_KEY_DIM, REFERENCE_LAMBDA
+
+    words = ["rivers", "kings", "stars", "cats", "maps", "songs", "ships", "laws"]
+    corpus = [f"nq question: who wrote {a} and {b}, volume {i}?" for i, (a, b) in enumerate(zip(words * 8, words[3:] * 8 + words[:3] * 8))]
+    reqs = [Request(prompt=r["src"], target_new=r["alt"], loc_prompt=r["loc"], loc_answer=r["loc_ans"],
+                    subject=r["subject"], index=i) for i, r in enumerate(ZSRE)]
+
+    def calibrated(scale: float, stats: str):
+        model, tok = scaled_model(scale)
+        cfg = OmegaConf.merge(OmegaConf.structured(METHODS["memit"].Config), {
+            "name": "memit", "layers": ["model.layers[1].mlp.down_proj", LAYER], "stats_dir": str(tmp_path / stats),
+            "context_templates": 0, "v_steps": 2, "mom2_dataset": "train_texts"})  # no sampled prefixes: they depend on the scale
+        ctx = EditContext(tok, corpus, torch.device("cpu"), 0)
+        result = METHODS["memit"].calibrate(cfg, model, ctx, reqs)
+        return result.values["memit_mom2_update_weight"], result.measured, METHODS["memit"](cfg, model, ctx)
+
+    lam, measured, method = calibrated(1.0, "a")
+    # By hand at one layer: k^T C^-1 k with C the cached second moment and k the subject key.
+    norms = method.whitened_key_norms(reqs)
+    (K,) = method.subject_vectors(locate(reqs, "skip")[0], [(method.modules[1], "input")])
+    C, k = method.mom2[1].double(), K[0].double()
+    assert norms[len(reqs)] == pytest.approx(float(k @ torch.linalg.inv(C) @ k), rel=1e-6)
+    assert lam == pytest.approx(float(norms.median()) * REFERENCE_LAMBDA / REFERENCE_KEY_DIM, rel=1e-3)
+    # Whitened norms do not depend on the scale of the keys: neither does λ.
+    assert calibrated(10.0, "b")[0] == pytest.approx(lam, rel=1e-3)

@@ -41,6 +41,7 @@ def alphaedit_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor, prev_cov
 
 class AlphaEdit(MEMIT):
     Config = AlphaEditConfig
+    calibrate = None  # MEMIT's λ is not AlphaEdit's; its null-space threshold is tuned by sweep
 
     def precompute(self, moments: list[torch.Tensor]) -> None:
         self.projections = [null_space_projection(C, self.cfg.nullspace_threshold) for C in moments]

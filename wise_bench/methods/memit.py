@@ -16,8 +16,11 @@ from omegaconf import MISSING
 
 from wise_bench.config import DType
 from wise_bench.data import Request
-from wise_bench.methods.base import WeightEditor
+from wise_bench.methods.base import Calibration, WeightEditor
 from wise_bench.methods.rome import Located, LocateConfig, compute_delta, context_templates, locate, mean_stats, template_average
+
+# The reference setting λ is calibrated against: LLaMA-2-7B's down projections (d_ff 11008), λ 15000.
+REFERENCE_LAMBDA, REFERENCE_KEY_DIM = 15000.0, 11008
 from wise_bench.models import get_module, linear_weight
 from wise_bench.stats import second_moments
 
@@ -93,3 +96,30 @@ class MEMIT(WeightEditor):
     def layer_update(self, i: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
         """ΔW of the i-th edited layer for residuals R (out × n) at keys K (in × n)."""
         return memit_update(R, K, self.mom2[i], self.cfg.mom2_update_weight)
+
+    def whitened_key_norms(self, requests: list[Request]) -> torch.Tensor:
+        """kᵀC⁻¹k of each request's subject key at each edited layer (unedited model), flattened."""
+        located, _ = locate(requests, self.cfg.on_missing_subject)
+        norms = []
+        for module, C in zip(self.modules, self.mom2):
+            (K,) = self.subject_vectors(located, [(module, "input")])
+            K = K.double().T
+            norms.append((K * torch.linalg.solve(C.double(), K)).sum(0))
+        return torch.cat(norms)
+
+    @classmethod
+    def calibrate(cls, cfg: MEMITConfig, model, ctx, requests: list[Request]) -> Calibration:
+        """λ (mom2_update_weight) that gives an edit's key the weight it has in the reference.
+
+        A one-key update ΔW = r kᵀ(λC + kkᵀ)⁻¹ moves the key's output by m/(1+m) of r, with
+        m = kᵀC⁻¹k / λ. For keys distributed like the corpus, E[kᵀC⁻¹k] = d_ff, so the reference
+        (d_ff 11008, λ 15000) gives m = 0.73. λ here = median kᵀC⁻¹k of the tuning split's subject
+        keys (all edited layers) × 15000 / 11008: the median edit key gets that same m."""
+        method = cls(cfg, model, ctx)
+        norms = method.whitened_key_norms(requests)
+        lam = float(norms.median()) * REFERENCE_LAMBDA / REFERENCE_KEY_DIM
+        measured = {"requests": len(requests), "key_dim": int(method.mom2[0].shape[0]),
+                    "whitened_key_norm_median": float(norms.median()),
+                    "whitened_key_norm_q10": float(norms.quantile(0.1)),
+                    "whitened_key_norm_q90": float(norms.quantile(0.9))}
+        return Calibration({"memit_mom2_update_weight": float(f"{lam:.4g}")}, measured)
