@@ -50,6 +50,17 @@ def test_fisher_is_the_mean_squared_gradient_of_remembered_edits(tiny):
     assert not method.weight.requires_grad
 
 
+def test_fisher_accumulates_in_float32_on_a_bf16_model(tiny):
+    import copy
+
+    model, tok = tiny
+    method = make((copy.deepcopy(model).to(torch.bfloat16), tok))
+    method.memory.extend(REQS[:2])
+    fisher = method.fisher_diagonal()
+    # Squared gradients of a random model are ~1e-8 and below: a bf16 sum would round them.
+    assert fisher.dtype == torch.float32 and method.weight.dtype == torch.bfloat16 and fisher.sum() > 0
+
+
 def test_one_edit_reaches_its_target_and_restore_is_exact(tiny):
     model, _ = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -121,6 +121,24 @@ def test_sequential_edits_persist_and_state_round_trips(tiny):
         method.restore()
 
 
+def test_resume_from_a_saved_state_edits_exactly_like_an_uninterrupted_run(tiny):
+    # The cold value of a new entry comes from the method's generator: a resumed run must continue
+    # its draws, not restart them from the seed.
+    method = make(tiny, n_iter=0)  # no training: the stored values are the cold draws themselves
+    try:
+        method.edit([REQS[0]])
+        state = method.state_dict()
+        method.edit([REQS[1]])
+        uninterrupted = method.codebook.values.clone()
+        method.restore()
+        method.load_state_dict(state)
+        method.edit([REQS[1]])
+        assert torch.equal(method.codebook.values, uninterrupted)
+        assert not torch.equal(uninterrupted[0], uninterrupted[1])
+    finally:
+        method.restore()
+
+
 def test_batch_edit_takes_several_requests(tiny):
     ev = evaluator(tiny)
     method = make(tiny, n_iter=30)

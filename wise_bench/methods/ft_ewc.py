@@ -34,7 +34,7 @@ class FTEWC(FT):
 
     def fisher_diagonal(self) -> torch.Tensor:
         """Mean over remembered edits of the squared gradient of each one's own FT loss."""
-        fisher = torch.zeros_like(self.weight)
+        fisher = torch.zeros_like(self.weight, dtype=torch.float32)  # bf16 cannot hold the sum of squares
         self.weight.requires_grad_(True)
         try:
             for request in self.memory:

@@ -241,7 +241,16 @@ class GRACE(Method):
         self._rng.manual_seed(self.ctx.seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.codebook.state()
+        # The generator's state too: a resumed run must draw the cold values an uninterrupted one draws.
+        return {**self.codebook.state(), "rng": self._rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restore()
+        self.codebook = Codebook(state["keys"].clone(), state["values"].clone(), state["eps"].clone(), list(state["labels"]))
+        if "rng" in state:
+            self._rng.set_state(state["rng"])
+        if len(self.codebook):
+            self._install()
 
     @classmethod
     def calibrate(cls, cfg: GRACEConfig, model, ctx, requests: list[Request]) -> Calibration:
