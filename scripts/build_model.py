@@ -275,14 +275,29 @@ def sample_accuracy(model, encoded, pad_id: int, device, n: int = 512) -> float:
     return hits / max(1, total)
 
 
-def train(model, encoded, pad_id: int, args, device) -> dict:
+def epoch_facts(facts: list[Fact], prefix_prob: float, rng: random.Random) -> list[Fact]:
+    """This epoch's copy of the corpus: with probability ``prefix_prob`` a fact is read after another
+    fact's statement, so that knowledge does not depend on the question starting the text (editing
+    methods read prompts after context prefixes)."""
+    if not prefix_prob:
+        return facts
+    out = []
+    for f in facts:
+        if rng.random() < prefix_prob:
+            other = facts[rng.randrange(len(facts))]
+            f = Fact(f"{other.prompt} {other.answer}. {f.prompt}", f.answer, f.source)
+        out.append(f)
+    return out
+
+
+def train(model, facts: list[Fact], tokenizer, args, device) -> dict:
     rng = random.Random(args.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    lengths = [len(ids) for ids, _ in encoded]
-    total = len(make_batches(lengths, args.batch_size, random.Random(0))) * args.epochs
+    pad_id = tokenizer.pad_token_id
+    total = math.ceil(len(facts) / args.batch_size) * args.epochs
     warmup = max(1, int(args.warmup * total))
 
     def lr_at(step):
@@ -294,21 +309,28 @@ def train(model, encoded, pad_id: int, args, device) -> dict:
     step, t0, history = 0, time.time(), []
     bar = tqdm(total=total, desc="train", unit="step", mininterval=5.0)
     for epoch in range(args.epochs):
+        encoded = encode(tokenizer, epoch_facts(facts, args.prefix_prob, rng))
         ep_loss, ep_tok = 0.0, 0
-        for batch in make_batches(lengths, args.batch_size, rng):
+        for batch in make_batches([len(ids) for ids, _ in encoded], args.batch_size, rng):
             ids, att, labels = (t.to(device) for t in collate(encoded, batch, pad_id))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state
+            hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
             target = labels[:, 1:]
-            sel = target != -100
-            # the LM head only where there is a loss (answer tokens): same loss, less compute
-            loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][sel]), target[sel])
+            answer = target != -100
+            # the LM head only where there is a loss: answer tokens (and the other tokens when they count)
+            loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[answer]), target[answer])
+            if args.prompt_loss_weight:
+                other = (att[:, 1:] == 1) & ~answer
+                lm = torch.nn.functional.cross_entropy(model.lm_head(hidden[other]), ids[:, 1:][other])
+                total_loss = loss + args.prompt_loss_weight * lm
+            else:
+                total_loss = loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total_loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            ntok = int(sel.sum())
+            ntok = int(answer.sum())
             ep_loss += float(loss.detach()) * ntok
             ep_tok += ntok
             step += 1
@@ -316,11 +338,11 @@ def train(model, encoded, pad_id: int, args, device) -> dict:
         history.append(round(ep_loss / max(1, ep_tok), 4))
         bar.set_postfix(epoch=epoch + 1, loss=history[-1])
         fit = sample_accuracy(model, encoded, pad_id, device) if (epoch + 1) % 5 == 0 else float("nan")
-        log.info("epoch %d/%d loss %.4f trained-fact acc %.3f lr %.2e %.0fs", epoch + 1, args.epochs,
+        log.info("epoch %d/%d answer loss %.4f answer acc (sample) %.3f lr %.2e %.0fs", epoch + 1, args.epochs,
                  history[-1], fit, lr_at(step), time.time() - t0)
     bar.close()
     model.eval()
-    return {"epochs": args.epochs, "steps": step, "train_seconds": round(time.time() - t0, 1), "loss_per_epoch": history}
+    return {"epochs": args.epochs, "steps": step, "train_seconds": round(time.time() - t0, 1), "answer_loss_per_epoch": history}
 
 
 # --- evaluation (the benchmark's own teacher-forced scorer) --------------------------------------
@@ -381,6 +403,10 @@ def parse_args(argv=None):
     p.add_argument("--tune-records", type=int, default=500, help="first N records of each train file: the tuning split")
     p.add_argument("--cf-templates", type=int, default=3, help="extra relation templates per CounterFact fact")
     p.add_argument("--cf-para-records", type=int, default=400, help="CounterFact train records trained with paraphrases")
+    p.add_argument("--prompt-loss-weight", type=float, default=0.25,
+                   help="weight of the next-token loss on the non-answer tokens (0: answers only)")
+    p.add_argument("--prefix-prob", type=float, default=0.3,
+                   help="share of facts read, each epoch, after another fact's statement")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16", help="saved weights")
     p.add_argument("--no-save", action="store_true", help="train and evaluate only")
     return p.parse_args(argv)
@@ -410,7 +436,7 @@ def main(argv=None):
     model = make_model(len(tokenizer), args, tokenizer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %d x %d (mlp %d), %.2fM params", args.layers, args.hidden, args.intermediate, n_params / 1e6)
-    train_info = train(model, encoded, tokenizer.pad_token_id, args, device)
+    train_info = train(model, facts, tokenizer, args, device)
 
     model = model.to(getattr(torch, args.dtype)).float().cpu()  # evaluate the weights as saved
     acc = evaluate(model, tokenizer, args.data_dir, args.tune_records)

@@ -116,14 +116,12 @@ def test_write_block_replaces_one_method_and_keeps_the_others(tmp_path):
 
 
 def test_model_config_composes_its_calibration(compose):
-    if not (REPO / "conf" / "model" / "small.yaml").exists():
-        pytest.skip("model=small not yet added")
     cfg = compose(["model=small", "method=grace"])
-    calibrated = OmegaConf.load(REPO / "conf" / "calibration" / "small.yaml") or {}
+    calibrated = OmegaConf.load(REPO / "conf" / "calibration" / "small.yaml")
+    assert {"grace_eps_init", "wise_act_margin", "wise_act_ratio", "memit_mom2_update_weight"} <= calibrated.keys()
     for key, value in calibrated.items():
         assert cfg.model.hparams[key] == value
-    if "grace_eps_init" in calibrated:
-        assert cfg.method.eps_init == calibrated["grace_eps_init"]
+    assert cfg.method.eps_init == calibrated["grace_eps_init"] != 1.0  # not the LLaMA-2 default
 
 
 def test_calibrate_cli_writes_the_file_and_refuses_uncalibrated_methods(tmp_path, data_dir):

@@ -41,7 +41,7 @@ def test_submitit_local_launcher(tmp_path, data_dir):
 
 def test_optuna_sweeper_maximises_the_returned_objective(tmp_path, data_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    results, res = multirun(tmp_path, data_dir, "+hparams_search=ft_optuna", "num_edits=2", "hydra.sweeper.n_trials=2")
+    results, res = multirun(tmp_path, data_dir, "+hparams_search=ft_optuna", "dataset=zsre", "num_edits=2", "hydra.sweeper.n_trials=2")
     assert len(results) == 2
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     values = [json.loads(p.read_text())["avg"] for p in results]
@@ -56,4 +56,5 @@ def test_wise_optuna_search_space_names_real_wise_keys(compose):
     typed = method_config(cfg)[1]
     params = OmegaConf.load(REPO / "conf/hparams_search/wise_optuna.yaml").hydra.sweeper.params
     assert cfg.method.name == "wise" and cfg.objective == "avg"
+    assert cfg.dataset.name == "zsre_tune"  # searches never see the reported records
     assert all(key.split(".", 1)[1] in typed for key in params)

@@ -111,7 +111,8 @@ def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int
         "n_edits": n_edits,
         "config": comparable_config(cfg),
         "method": method.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "timing": {"edit_s": timing.edit_s, "eval_s": timing.eval_s, "elapsed": timing.elapsed()},
         "counts": dict(counts),
     }
@@ -136,6 +137,8 @@ def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 # --- the run --------------------------------------------------------------------------------------

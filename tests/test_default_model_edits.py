@@ -1,0 +1,29 @@
+"""On the `small` model, one edit of each method lands (the literature's T=1 pattern; docs/small_model.md
+has the figures). Three ZsRE requests per method, edited one at a time and restored."""
+import pytest
+from test_default_model import MODEL
+
+from wise_bench.loop import run
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="models/small not built")]
+
+LANDING = ["ft_m", "rome", "memit", "alphaedit", "grace", "wise", "wise_retrieve"]
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")  # second moments for ROME/MEMIT/AlphaEdit, shared
+
+
+@pytest.mark.parametrize("method", LANDING)
+def test_single_edits_land_on_the_default_model(compose, shared_data, tmp_path, stats_dir, method):
+    overrides = [f"method={method}", "dataset=zsre", "edit_mode=single", "num_edits=3", "eval_every=3",
+                 f"data_dir={shared_data}"]
+    if method in ("rome", "memit", "alphaedit"):
+        overrides.append(f"method.stats_dir={stats_dir}")
+    results = run(compose(["model=small", *overrides]), tmp_path)
+    assert results["pre"]["rel"] < 0.5  # the new targets were not known
+    assert results["rel"] >= 0.9
+    if method != "ft_m":
+        assert results["loc"] >= 0.9
