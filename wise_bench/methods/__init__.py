@@ -3,7 +3,7 @@
 Adding a method = one file here, one YAML under conf/method/, one entry below.
 """
 from wise_bench.methods.alphaedit import AlphaEdit
-from wise_bench.methods.base import Calibration, EditContext, Method
+from wise_bench.methods.base import EditContext, Method
 from wise_bench.methods.defer import DEFER
 from wise_bench.methods.ft import FT
 from wise_bench.methods.ft_ewc import FTEWC
@@ -25,4 +25,4 @@ METHODS: dict[str, type[Method]] = {
     "alphaedit": AlphaEdit,
 }
 
-__all__ = ["METHODS", "Calibration", "EditContext", "Method"]
+__all__ = ["METHODS", "EditContext", "Method"]

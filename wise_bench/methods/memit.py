@@ -18,11 +18,11 @@ from wise_bench.config import DType
 from wise_bench.data import Request
 from wise_bench.methods.base import Calibration, WeightEditor
 from wise_bench.methods.rome import Located, LocateConfig, compute_delta, context_templates, locate, mean_stats, template_average
+from wise_bench.models import get_module, linear_weight
+from wise_bench.stats import second_moments
 
 # The reference setting λ is calibrated against: LLaMA-2-7B's down projections (d_ff 11008), λ 15000.
 REFERENCE_LAMBDA, REFERENCE_KEY_DIM = 15000.0, 11008
-from wise_bench.models import get_module, linear_weight
-from wise_bench.stats import second_moments
 
 
 @dataclass

@@ -11,7 +11,7 @@ its gradient mask, the stored shards, the merged memory (WISE-Merge) or the retr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
@@ -420,11 +420,6 @@ def routing_ratio(irrelevant: torch.Tensor, floor: float, max_routed: float = 0.
     return next((q for q in ratios if float((irrelevant >= q * floor).float().mean()) <= max_routed), ratios[-1])
 
 
-def with_values(cfg: Any, **values: Any) -> Any:
-    """A copy of a method config (dataclass or structured DictConfig) with some keys changed."""
-    return replace(cfg, **values) if is_dataclass(cfg) else OmegaConf.merge(cfg, values)
-
-
 # --- the method ---------------------------------------------------------------------------------
 
 
@@ -595,14 +590,15 @@ class WISE(Method):
            least 99% of the requests' irrelevant texts on the main memory; paraphrases above it are
            what Gen can reach."""
         tok = ctx.tokenizer
-        probe = cls(with_values(cfg, act_margin=[1e9, -1e9, -1e9]), model, ctx)  # hinge terms never active
+        probe = cls(OmegaConf.merge(cfg, {"act_margin": [1e9, -1e9, -1e9]}), model, ctx)  # hinge terms never active
         natural = []
         for r in requests:
             natural.append(probe.edit([r])["score"])
             probe.restore()
-        margins = margins_from_probe(torch.tensor(natural))
+        natural = torch.tensor(natural)
+        margins = margins_from_probe(natural)
 
-        run = cls(with_values(cfg, act_margin=margins), model, ctx)
+        run = cls(OmegaConf.merge(cfg, {"act_margin": margins}), model, ctx)
         for r in requests:
             run.edit([r])
         floor = run.layer.bank.side_min
@@ -611,7 +607,7 @@ class WISE(Method):
         run.restore()
         ratio = routing_ratio(irrelevant, floor)
         measured = {"requests": len(requests), "probe_in_scope_score_median": margins[1],
-                    "probe_in_scope_score_q10": float(torch.tensor(natural).quantile(0.1)),
+                    "probe_in_scope_score_q10": float(natural.quantile(0.1)),
                     "sequential_min_in_scope_score": floor,
                     "irrelevant_score_q99": float(irrelevant.quantile(0.99)),
                     "irrelevant_routed_at_ratio": float((irrelevant >= ratio * floor).float().mean())}
