@@ -1,6 +1,6 @@
 """Edit and evaluation speed and peak memory of a method, against naive references in the same run.
 
-    python scripts/bench.py --method wise --model tiny --num-edits 20 --out bench.json
+    python scripts/bench.py --method wise --model small --num-edits 20 --out bench.json
 
 The naive reference is the plain Hugging Face forward pass: every layer in every step, logits at
 every position (the way EasyEdit runs), and evaluation one request at a time, unbatched.
@@ -163,7 +163,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="wise")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="small")
     p.add_argument("--dataset", default="zsre")
     p.add_argument("--num-edits", type=int, default=20)
     p.add_argument("--eval-requests", type=int, default=500, help="requests scored in the evaluation timing")

@@ -395,7 +395,7 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=float, default=0.03)

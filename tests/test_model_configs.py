@@ -30,10 +30,7 @@ def _gpt2(n_layer: int, n_embd: int, n_head: int) -> GPT2Config:
 # file stem -> (transformers config with the real model's shape, number of layers, expected dtype)
 ARCHS = {
     # the project's own model: its config is committed, so it is read rather than written out here
-    "tiny": (lambda: AutoConfig.from_pretrained(REPO / "models" / "tiny"), 6, "float32"),
-    # built by scripts/build_model.py (not shipped yet): its shape, written out
-    "small": (lambda: LlamaConfig(num_hidden_layers=6, hidden_size=192, intermediate_size=768, num_attention_heads=6,
-                                  vocab_size=8192, tie_word_embeddings=True), 6, "float32"),
+    "small": (lambda: AutoConfig.from_pretrained(REPO / "models" / "small"), 6, "float32"),
     "gpt2": (lambda: _gpt2(12, 768, 12), 12, "float32"),
     "gpt2-xl": (lambda: _gpt2(48, 1600, 25), 48, "float32"),
     "gpt-j-6b": (lambda: GPTJConfig(n_layer=28, n_embd=4096, n_head=16, rotary_dim=64), 28, "bfloat16"),

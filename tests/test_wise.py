@@ -283,9 +283,9 @@ def test_method_configs_and_a_loop_run(compose, data_dir, tmp_path):
 
 
 def test_device_map_auto_places_the_model_and_a_wise_run_scores_the_same(compose, data_dir, tmp_path):
-    """model.device_map=auto (accelerate) on the committed tiny model: here everything lands on the
+    """model.device_map=auto (accelerate) on the committed default model: here everything lands on the
     CPU, and a WISE run gives exactly the scores of the ordinary load."""
-    small = ["model=tiny", "method=wise", "method.n_iter=3", "method.context_templates=1", "method.template_lengths=[3]",
+    small = ["model=small", "method=wise", "method.n_iter=3", "method.context_templates=1", "method.template_lengths=[3]",
              f"data_dir={data_dir}", "num_edits=2", "eval_every=2"]
     from wise_bench.models import input_device, load_model, load_tokenizer
 
