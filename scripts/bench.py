@@ -1,6 +1,14 @@
 """Edit and evaluation speed and peak memory of a method, against naive references in the same run.
 
-    python scripts/bench.py --method wise --model small --num-edits 20 --out bench.json
+    python scripts/bench.py method=wise num_edits=20 out=bench.json   # model=small, dataset=zsre
+
+A Hydra app (conf/bench.yaml): every key of the run's config applies (``device=cuda``,
+``model.dtype=bfloat16``, ``eval.batch_size``, ...), plus ``out`` (default: the run directory's
+bench.json), ``eval_requests`` and ``threads``. A deeper random model, edited at 3/4 depth:
+
+    python scripts/bench.py method=wise model=tiny_random model.random_init.num_hidden_layers=16 \\
+        model.random_init.hidden_size=256 model.random_init.intermediate_size=704 \\
+        'model.edit_layers.wise="model.layers[12].mlp.down_proj"' num_edits=3 out=bench_deep.json
 
 The naive reference is the plain Hugging Face forward pass: every layer in every step, logits at
 every position (the way EasyEdit runs), and evaluation one request at a time, unbatched.
@@ -18,8 +26,8 @@ every position (the way EasyEdit runs), and evaluation one request at a time, un
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import resource
 import sys
@@ -28,19 +36,21 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
 
+import hydra
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from wise_bench.config import register_configs
+from wise_bench.data import load_dataset
+from wise_bench.errors import UserError
+from wise_bench.loop import method_config
+from wise_bench.methods import EditContext
+from wise_bench.metrics import Evaluator, TokenBatch
+from wise_bench.models import input_device, load_model, load_tokenizer, pick_device
+from wise_bench.prefix_cache import tensors_in
 
-from wise_bench.config import register_configs  # noqa: E402
-from wise_bench.data import load_dataset  # noqa: E402
-from wise_bench.loop import method_config  # noqa: E402
-from wise_bench.methods import EditContext  # noqa: E402
-from wise_bench.metrics import Evaluator, TokenBatch  # noqa: E402
-from wise_bench.models import input_device, load_model, load_tokenizer, pick_device  # noqa: E402
-from wise_bench.prefix_cache import tensors_in  # noqa: E402
+log = logging.getLogger("bench")
+register_configs()
 
 
 def naive_target_logits(batch: TokenBatch, model) -> torch.Tensor:
@@ -61,8 +71,9 @@ def naive_forward():
         yield
 
 
-def build(cfg, prefix_cache: bool):
-    """A fresh model and method; ``prefix_cache`` switches the method's prefix cache when it has one."""
+def build(cfg, prefix_cache: bool, num_edits: int):
+    """A fresh model and method on the first ``num_edits`` requests; ``prefix_cache`` switches the
+    method's prefix cache when it has one."""
     cls, method_cfg = method_config(cfg)
     has_fast_path = "prefix_cache" in method_cfg
     if has_fast_path:
@@ -71,7 +82,7 @@ def build(cfg, prefix_cache: bool):
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, len(tok), pick_device(cfg.device))
     device = input_device(model)
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, num_edits)
     method = cls(method_cfg, model, EditContext(tok, dataset.train_texts, device, cfg.seed))
     return model, tok, method, dataset, has_fast_path
 
@@ -86,7 +97,7 @@ def max_state_difference(a, b) -> float:
 def time_edits(cfg) -> dict:
     variants = {  # name -> (prefix cache, naive forward)
         "naive": (False, True), "no_prefix_cache": (False, False), "fast": (True, False)}
-    built = {name: build(cfg, prefix_cache=cache) for name, (cache, _) in variants.items()}
+    built = {name: build(cfg, cache, cfg.num_edits) for name, (cache, _) in variants.items()}
     methods = {name: b[2] for name, b in built.items()}
     dataset, has_fast_path = built["fast"][3], built["fast"][4]
     loaded_mb = current_memory_mb(pick_device(cfg.device))
@@ -127,10 +138,10 @@ def rows_agree(rows: list[dict], reference: list[dict]) -> bool:
                for a, b in zip(rows, reference)) and len(rows) == len(reference)
 
 
-def time_evaluation(cfg, batch_size: int) -> dict:
-    model, tok, _, dataset, _ = build(cfg, prefix_cache=True)
+def time_evaluation(cfg) -> dict:
+    model, tok, _, dataset, _ = build(cfg, True, cfg.eval_requests)
     fmt, metrics = cfg.dataset.format, cfg.dataset.metrics
-    batched = Evaluator(tok, dataset.requests, fmt, metrics, batch_size)
+    batched = Evaluator(tok, dataset.requests, fmt, metrics, cfg.eval.batch_size, cfg.eval.max_batch_tokens)
     naive = Evaluator(tok, dataset.requests, fmt, metrics, 1)
     batched.record_unedited_locality(model)
     naive.record_unedited_locality(model)
@@ -144,7 +155,7 @@ def time_evaluation(cfg, batch_size: int) -> dict:
     t_fast = time.perf_counter() - t0
     n = len(rows)
     return {"eval_req_per_s": n / t_fast, "eval_req_per_s_naive": n / t_naive, "eval_speedup": t_naive / t_fast,
-            "eval_batch_size": batch_size, "eval_rows_agree": rows_agree(rows, rows_naive)}
+            "eval_batch_size": cfg.eval.batch_size, "eval_rows_agree": rows_agree(rows, rows_naive)}
 
 
 def current_memory_mb(device: torch.device) -> float:
@@ -160,31 +171,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="wise")
-    p.add_argument("--model", default="small")
-    p.add_argument("--dataset", default="zsre")
-    p.add_argument("--num-edits", type=int, default=20)
-    p.add_argument("--eval-requests", type=int, default=500, help="requests scored in the evaluation timing")
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. device=cuda model.dtype=bfloat16")
-    args = p.parse_args(argv)
+def check_numbers(cfg) -> None:
+    for key in ("num_edits", "eval_requests", "eval.batch_size", "eval.max_batch_tokens"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise UserError(f"{key} must be >= 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError("threads must be >= 1 (or null: torch's default)")
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        common = [f"method={args.method}", f"model={args.model}", f"dataset={args.dataset}", *args.overrides]
-        cfg = compose("config", [*common, f"num_edits={args.num_edits}"])
-        eval_cfg = compose("config", [*common, f"num_edits={args.eval_requests}"])
-    result = {"method": args.method, "model": args.model, "dataset": args.dataset, "num_edits": args.num_edits,
-              "eval_requests": args.eval_requests,
-              "device": str(pick_device(cfg.device)), "threads": torch.get_num_threads()}
+
+def bench(cfg) -> dict:
+    check_numbers(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    result = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+              "num_edits": cfg.num_edits, "eval_requests": cfg.eval_requests,
+              "device": str(device), "threads": torch.get_num_threads()}
     result.update(time_edits(cfg))
-    result.update(time_evaluation(eval_cfg, args.eval_batch_size))
-    result["peak_mem_mb"] = peak_memory_mb(pick_device(cfg.device))
+    result.update(time_evaluation(cfg))
+    result["peak_mem_mb"] = peak_memory_mb(device)
+    return result
 
-    r = result
+
+def print_figures(r: dict) -> None:
     rows = [("edit s/edit: fast", r["edit_s_per_edit"], r["edit_speedup"]),
             ("  without prefix cache", r["edit_s_per_edit_no_prefix_cache"], r["edit_s_per_edit_naive"] / r["edit_s_per_edit_no_prefix_cache"]),
             ("  naive", r["edit_s_per_edit_naive"], 1.0),
@@ -193,14 +202,27 @@ def main(argv=None) -> int:
     print(f"{'':<28}{'value':>10}{'vs naive':>10}")
     for label, value, ratio in rows:
         print(f"{label:<28}{value:>10.3f}{ratio:>9.2f}x")
-    print(f"peak memory {result['peak_mem_mb']:.0f} MB ({result['mem_after_loading_mb']:.0f} MB after loading the models)")
-    print(f"first edit agrees: {result['edited_params_agree']} (state with/without the prefix cache: max |diff| "
-          f"{result['first_edit_cache_state_difference']:.1e}; loss against the naive forward: "
-          f"{result['first_edit_naive_loss_difference']:.1e}); eval rows agree: {result['eval_rows_agree']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if result["edited_params_agree"] and result["eval_rows_agree"] else 1
+    print(f"peak memory {r['peak_mem_mb']:.0f} MB ({r['mem_after_loading_mb']:.0f} MB after loading the models)")
+    print(f"first edit agrees: {r['edited_params_agree']} (state with/without the prefix cache: max |diff| "
+          f"{r['first_edit_cache_state_difference']:.1e}; loss against the naive forward: "
+          f"{r['first_edit_naive_loss_difference']:.1e}); eval rows agree: {r['eval_rows_agree']}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = bench(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    print_figures(result)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    if not (result["edited_params_agree"] and result["eval_rows_agree"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -4,7 +4,7 @@
 A LLaMA-architecture causal LM trained from scratch on the benchmarks' TRUE facts, so that editing
 methods have knowledge to overwrite and a model whose pre-edit behaviour is known:
 
-    python scripts/build_model.py --out models/small        # data from $WISE_BENCH_DATA_DIR
+    python scripts/build_model.py --out models/small        # data: $WISE_BENCH_DATA_DIR, else <repo>/data
 
 Corpus (docs/small_model.md): ZsRE questions with their true answers and NQ locality pairs, and
 CounterFact's true statements written in several of their relation's templates, so that a subject
@@ -36,6 +36,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from wise_bench.download import default_data_dir  # noqa: E402
 
 log = logging.getLogger("build_model")
 
@@ -383,7 +385,8 @@ def evaluate(model, tokenizer, data_dir: Path, n_tune: int) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WISE_BENCH_DATA_DIR", "data")))
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="the benchmark data (default, as the app: $WISE_BENCH_DATA_DIR, else <repo>/data)")
     p.add_argument("--out", type=Path, default=Path("models/small"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda")

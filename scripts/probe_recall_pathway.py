@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from wise_bench.config import REPO_ROOT
+from wise_bench.download import default_data_dir
 
 
 def probe(model, tok, prompt: str, target: str, layer: int, pos: int, steps: int, lr: float) -> tuple[float, float, float]:
@@ -57,8 +59,10 @@ def probe(model, tok, prompt: str, target: str, layer: int, pos: int, steps: int
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/small")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WISE_BENCH_DATA_DIR", "data")))
+    p.add_argument("--model", default=str(REPO_ROOT / "models" / "small"),
+                   help="a local model directory (default: <repo>/models/small)")
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="the benchmark data (default, as the app: $WISE_BENCH_DATA_DIR, else <repo>/data)")
     p.add_argument("--records", type=int, default=12, help="first N records of the ZsRE tuning split")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=0.5)

@@ -1,6 +1,6 @@
 """AlphaEdit: the null-space projection on hand-made keys, and the method on the tiny random model."""
 import torch
-from test_memit import FAST_CLI, LAYERS, REQS, assert_same, make, snapshot
+from test_memit import FAST_CLI, LAYERS, REQS, assert_same, make, read_points, snapshot
 
 from wise_bench.loop import run
 from wise_bench.methods.alphaedit import alphaedit_update, null_space_projection
@@ -62,3 +62,5 @@ def test_batch_sequential_run_in_the_loop(compose, data_dir, tmp_path):
     assert cfg.method.layers == LAYERS  # falls back to the MEMIT layers when the model names none
     results = run(cfg, tmp_path)
     assert (results["edit_mode"], results["batch_size"], results["method"]) == ("batch", 2, "alphaedit")
+    points = read_points(tmp_path)
+    assert [(p["n_edits"], p["batch_size"]) for p in points] == [(2, 2), (4, 2)] and points[-1]["rel"] == results["rel"]

@@ -1,33 +1,66 @@
 """scripts/bench.py: the fast paths must agree with the naive reference it times them against."""
 import importlib.util
 import json
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 KEYS = {"method", "model", "edit_s_per_edit", "edit_s_per_edit_naive", "edit_speedup", "eval_req_per_s",
         "eval_req_per_s_naive", "eval_speedup", "peak_mem_mb"}
 
 
 @pytest.fixture(scope="module")
 def bench():
+    """The script as a module, for its functions (its Hydra app runs in a subprocess below)."""
     spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.mark.parametrize("method, small", [("ft_m", "method.steps=3"), ("grace", "method.n_iter=3")])
-def test_bench_writes_the_figures_and_its_fast_paths_agree_with_the_naive_ones(bench, data_dir, tmp_path, method, small):
-    out = tmp_path / "bench.json"
-    code = bench.main(["--method", method, "--model", "tiny_random", "--num-edits", "2", "--eval-requests", "3",
-                       "--out", str(out), f"data_dir={data_dir}", small])
-    result = json.loads(out.read_text())
-    assert code == 0 and KEYS <= result.keys() and (result["method"], result["model"]) == (method, "tiny_random")
+def bench_config(*overrides: str):
+    """conf/bench.yaml on tiny_random, composed as the script's Hydra app composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("bench", ["model=tiny_random", *overrides])
+
+
+def check_figures(result: dict, method: str, threads: int) -> None:
+    assert KEYS <= result.keys() and (result["method"], result["model"]) == (method, "tiny_random")
+    assert (result["num_edits"], result["eval_requests"], result["eval_batch_size"], result["threads"]) == (2, 3, 32, threads)
     assert result["has_fast_path"] and result["first_edit_cache_state_difference"] == 0.0
     assert result["edited_params_agree"] and result["eval_rows_agree"]
     assert result["edit_speedup"] == pytest.approx(result["edit_s_per_edit_naive"] / result["edit_s_per_edit"])
+
+
+def test_ft_m_figures_and_its_fast_paths_agree_with_the_naive_ones(bench, data_dir):
+    import torch
+
+    # threads left null: setting it here would change the thread count of the whole test session.
+    cfg = bench_config("method=ft_m", "method.steps=3", "num_edits=2", "eval_requests=3", f"data_dir={data_dir}")
+    check_figures(bench.bench(cfg), "ft_m", torch.get_num_threads())
+
+
+def test_the_script_writes_the_figures_to_its_run_directory(data_dir, tmp_path):
+    # As the docs run it, from outside the repository; out= unset: <run dir>/bench.json.
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "model=tiny_random", "method=grace",
+                          "method.n_iter=3", "num_edits=2", "eval_requests=3", "threads=1", f"data_dir={data_dir}",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    check_figures(json.loads((tmp_path / "run" / "bench.json").read_text()), "grace", 1)
+    assert "edit s/edit: fast" in res.stdout
+
+
+@pytest.mark.parametrize("override, message", [("eval_requests=0", "eval_requests must be >= 1"),
+                                               ("threads=0", "threads must be >= 1")])
+def test_a_count_below_one_is_refused_before_any_model_loads(bench, data_dir, override, message):
+    from wise_bench.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        bench.bench(bench_config("method=ft_m", override, f"data_dir={data_dir}"))
 
 
 def test_naive_target_logits_equal_the_fast_ones(bench, tiny):

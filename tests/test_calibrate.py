@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from wise_bench.calibrate import method_block, write_block
 from wise_bench.config import ModelConfig, RandomInitConfig
-from wise_bench.data import Request
+from wise_bench.data import Request, load_dataset
+from wise_bench.loop import method_config
 from wise_bench.methods import METHODS, EditContext
 from wise_bench.methods.grace import GRACEConfig
 from wise_bench.methods.rome import locate
@@ -124,13 +125,19 @@ def test_model_config_composes_its_calibration(compose):
     assert cfg.method.eps_init == calibrated["grace_eps_init"] != 1.0  # not the LLaMA-2 default
 
 
-def test_calibrate_cli_writes_the_file_and_refuses_uncalibrated_methods(tmp_path, data_dir):
+def test_calibrate_cli_writes_the_file_and_refuses_uncalibrated_methods(tmp_path, data_dir, tiny, compose):
     out = tmp_path / "cal.yaml"
     base = [sys.executable, "-m", "wise_bench.calibrate", "model=tiny_random", f"data_dir={data_dir}",
             "dataset=zsre", "num_edits=3", f"out={out}", f"hydra.run.dir={tmp_path}/run"]
     done = subprocess.run(base + ["method=grace"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert OmegaConf.load(out).grace_eps_init > 0
+    # The file holds the radius GRACE's calibration measures in-process on the same three requests.
+    model, tok = tiny
+    cfg = compose([f"data_dir={data_dir}", "dataset=zsre", "num_edits=3", "method=grace"])
+    dataset = load_dataset(cfg.dataset, data_dir, 3)
+    cls, method_cfg = method_config(cfg)
+    expected = cls.calibrate(method_cfg, model, EditContext(tok, dataset.train_texts, torch.device("cpu"), 0), dataset.requests)
+    assert OmegaConf.load(out).grace_eps_init == pytest.approx(expected.values["grace_eps_init"], rel=1e-6)
     refused = subprocess.run(base + ["method=ft_m"], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "no scale-dependent hyperparameter" in refused.stdout + refused.stderr
 

@@ -112,7 +112,7 @@ def test_invalid_json_names_file_and_position(tmp_path):
 
 
 def test_missing_file_explains_how_to_get_data(tmp_path):
-    with pytest.raises(DataError, match=r"nope.json: file not found\. Run `python scripts/get_data.py`"):
+    with pytest.raises(DataError, match=r"nope.json: file not found\. Run `python -m wise_bench\.download`"):
         read_requests(tmp_path / "nope.json", DataFormat.zsre)
 
 

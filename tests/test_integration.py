@@ -24,4 +24,11 @@ def test_issue_command_on_real_zsre(shared_data, tmp_path):
 def test_other_real_datasets_run(shared_data, tmp_path, dataset, keys):
     res = cli(f"dataset={dataset}", "num_edits=8", "eval_every=8", "method.steps=2", data_dir=shared_data, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert keys <= json.loads((tmp_path / "run/results.json").read_text()).keys()
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    (point,) = read_jsonl(tmp_path / "run/metrics.jsonl")
+    samples = read_jsonl(tmp_path / "run/samples.jsonl")
+    assert (results["dataset"], results["num_edits"], point["n_edits"], len(samples)) == (dataset, 8, 8, 8)
+    # The summary is the final evaluation point, and each score the mean of the requests' own scores.
+    assert {k: results[k] for k in keys} == {k: point[k] for k in keys}
+    assert results["loc"] == pytest.approx(sum(s["loc"] for s in samples if "loc" in s) / sum("loc" in s for s in samples))
+    assert 0.0 <= results["loc"] <= 1.0

@@ -28,6 +28,11 @@ def make(tiny, tmp_path, name="memit", **overrides):
     return METHODS[name](cfg, model, EditContext(tok, CORPUS, torch.device("cpu"), 0))
 
 
+def read_points(run_dir):
+    """The evaluation points a run wrote to metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -107,6 +112,10 @@ def test_memit_mass_runs_in_the_loop(compose, data_dir, tmp_path):
                    "eval_every=4", f"method.stats_dir={tmp_path / 'stats'}", *FAST_CLI])
     assert cfg.method.layers == LAYERS and cfg.method.mom2_dataset.endswith("zsre/zsre_mend_train-1k.json")
     results = run(cfg, tmp_path)
-    assert (results["edit_mode"], results["batch_size"], results["num_edits"]) == ("batch", 4, 4)
-    assert json.loads((tmp_path / "results.json").read_text())["method"] == "memit"
-    assert len(list((tmp_path / "stats").rglob("*.pt"))) == 2
+    assert (results["edit_mode"], results["batch_size"], results["num_edits"], results["method"]) == ("batch", 4, 4, "memit")
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    (point,) = read_points(tmp_path)
+    assert (point["n_edits"], point["batch_size"], point["rel"]) == (4, 4, results["rel"])
+    # The cached second moments: one per edited layer, of the run's corpus.
+    cached = [torch.load(p)["key"] for p in (tmp_path / "stats").rglob("*.pt")]
+    assert sorted(k["layer"] for k in cached) == LAYERS and {k["corpus"] for k in cached} == {cfg.method.mom2_dataset}

@@ -17,6 +17,13 @@ def logits(model, b):
     return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False).logits
 
 
+def uncached_logits(model, b):
+    """A plain forward pass of the whole sequence, no cache anywhere: what every cached call must equal."""
+    assert not model._forward_pre_hooks and not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        return logits(model, b)
+
+
 @pytest.fixture(scope="module")
 def gpt2():
     torch.manual_seed(0)
@@ -60,27 +67,68 @@ def test_lower_blocks_do_not_run_on_a_hit_and_a_new_batch_records_anew(tiny):
     calls = []
     handle = model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
     b1, b2 = batch(tok, [("a b c", "d")]), batch(tok, [("e f", "g h")])
+    plain1, plain2 = uncached_logits(model, b1), uncached_logits(model, b2)
+    calls.clear()
     try:
         with PrefixCache(model, LAYER, max_entries=1) as cache:
-            first = logits(model, b1)
-            assert len(calls) == 1
-            assert torch.equal(logits(model, b1), first) and len(calls) == 1
-            logits(model, b2)  # a different batch: recorded, evicting b1 (max_entries=1)
-            logits(model, b1)
+            assert torch.equal(logits(model, b1), plain1) and len(calls) == 1
+            assert torch.equal(logits(model, b1), plain1) and len(calls) == 1
+            # A different batch: recorded (not served b1's recording), evicting b1 (max_entries=1).
+            assert torch.equal(logits(model, b2), plain2) and len(calls) == 2
+            assert torch.equal(logits(model, b1), plain1)
             assert len(calls) == 3 and (cache.misses, cache.hits) == (3, 1)
     finally:
         handle.remove()
 
 
+def test_a_batch_that_differs_only_in_its_mask_or_positions_is_not_served_another_recording(tiny):
+    model, tok = tiny
+    b = batch(tok, [("The capital of Atlantis is", "Zor"), ("Who?", "Ada Quill")])
+    first = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False)
+    calls = [first, {**first, "attention_mask": torch.ones_like(b.attention_mask)}, {**first, "position_ids": 2 * b.position_ids}]
+    with torch.no_grad():
+        plain = [model(**c).logits for c in calls]
+    assert all((p - plain[0]).abs().max() > 1e-3 for p in plain[1:])  # each call really computes something else
+    with PrefixCache(model, LAYER) as cache:
+        for _ in range(2):  # the second round replays each call's own recording
+            for c, expected in zip(calls, plain):
+                assert torch.equal(model(**c).logits, expected)
+    assert (cache.misses, cache.hits) == (3, 3)
+
+
+def test_a_replay_sees_the_edited_modules_current_weights(tiny):
+    """The cache is for training the edited module: after its weights change, a replayed call must
+    give what a plain forward pass of the changed model gives, not what was recorded."""
+    model, tok = tiny
+    b = batch(tok, [("The capital of Atlantis is", "Zor"), ("Who?", "Ada Quill")])
+    weight = model.model.layers[2].mlp.down_proj.weight
+    original = weight.detach().clone()
+    try:
+        with torch.enable_grad(), PrefixCache(model, "model.layers[2].mlp.down_proj") as cache:
+            recorded = logits(model, b).detach()
+            with torch.no_grad():
+                weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+            replayed = logits(model, b).detach()
+        assert cache.hits == 1
+        assert not torch.equal(replayed, recorded)
+        assert torch.equal(replayed, uncached_logits(model, b))  # same (changed) weights, no cache
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
 def test_exit_leaves_the_model_as_it_was(tiny):
     model, tok = tiny
     blocks = model.model.layers
+    b, other = batch(tok, [("x", "y")]), batch(tok, [("a longer prompt", "and its target")])
+    plain, plain_other = uncached_logits(model, b), uncached_logits(model, other)
     with PrefixCache(model, LAYER):
         assert all("forward" in blocks[j].__dict__ for j in range(3)) and "forward" not in blocks[3].__dict__
+        assert torch.equal(logits(model, b), plain)
     assert not any("forward" in b.__dict__ for b in blocks)
     assert not model._forward_pre_hooks and not model._forward_hooks
-    b = batch(tok, [("x", "y")])
-    assert torch.equal(logits(model, b), logits(model, b))
+    # After exit nothing is replayed: a recorded batch and a new one both compute afresh.
+    assert torch.equal(logits(model, b), plain) and torch.equal(logits(model, other), plain_other)
 
 
 def test_trainable_lower_blocks_are_refused(tiny):
@@ -119,14 +167,15 @@ def test_in_the_edited_block_only_what_runs_before_the_edited_module_is_replayed
             return forward(*args, **kwargs)
         return run
 
+    b = batch(tok, [("The capital of Atlantis is", "Zor"), ("Who?", "Ada Quill")])
+    plain = uncached_logits(model, b)
     for n, m in modules.items():
         m.forward = counting(n, m.forward)
-    b = batch(tok, [("The capital of Atlantis is", "Zor"), ("Who?", "Ada Quill")])
     try:
         with torch.enable_grad(), PrefixCache(model, "model.layers[2].mlp.down_proj") as cache:
-            first = logits(model, b)
+            assert torch.equal(logits(model, b), plain)
             assert all(r == 1 for r in runs.values())
-            assert torch.equal(logits(model, b), first) and torch.equal(logits(model, b), first)
+            assert torch.equal(logits(model, b), plain) and torch.equal(logits(model, b), plain)
             # Only the outermost recordings are kept: self_attn, not its q_proj.
             assert {name for name, _ in cache.entries[0].inner} == {
                 "input_layernorm", "self_attn", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn"}

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import wise_bench.methods.rome as rome
 from wise_bench.data import Request
 from wise_bench.methods import METHODS, EditContext
 from wise_bench.methods.rome import ROMEConfig, encode_at, locate, rank_one_update, template_average
@@ -38,6 +39,38 @@ def assert_same(model, before):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.fixture
+def deltas(monkeypatch):
+    """The δ of every request ROME edits, in order, as compute_delta returned it to the method."""
+    found = []
+    real = rome.compute_delta
+
+    def recording(*args, **kwargs):
+        delta, stats = real(*args, **kwargs)
+        found.append(delta.clone())
+        return delta, stats
+
+    monkeypatch.setattr(rome, "compute_delta", recording)
+    return found
+
+
+def assert_moves_key_by(change: torch.Tensor, delta: torch.Tensor) -> None:
+    """``change`` (what the edit did to the layer's output at k*) is δ: its direction and its length.
+
+    A norm alone would pass −δ (a sign error) or δ read through the wrong axis of the weight.
+    """
+    change, delta = change.double(), delta.double()
+    cosine = torch.nn.functional.cosine_similarity(change, delta, dim=0).item()
+    relative_norm_error = abs(change.norm() - delta.norm()).item() / delta.norm().item()
+    assert cosine > 0.999, f"the layer's output at k* moved in another direction than δ (cosine {cosine:.4f})"
+    assert relative_norm_error < 1e-3, f"the layer's output at k* moved by {relative_norm_error:.2%} more or less than ‖δ‖"
+
+
+def output_at(module, k: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(k.to(linear_weight(module).dtype)).float()
+
+
 def test_rank_one_update_maps_the_key_to_the_value():
     g = torch.Generator().manual_seed(0)
     W, k, v, x = torch.randn(5, 7, generator=g), torch.randn(7, generator=g), torch.randn(5, generator=g), torch.randn(7, generator=g)
@@ -51,8 +84,17 @@ def test_rank_one_update_maps_the_key_to_the_value():
         torch.testing.assert_close(dW @ x_orth, torch.zeros(5), atol=1e-5, rtol=0)
 
 
+def test_the_key_check_rejects_a_wrong_sign_axis_or_length():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(64, generator=g)
+    assert_moves_key_by(delta * (1 + 1e-5), delta)
+    for wrong in (-delta, delta.flip(0), delta.roll(1), 1.01 * delta):  # sign; permuted axis (same norm); length
+        with pytest.raises(AssertionError):
+            assert_moves_key_by(wrong, delta)
+
+
 @pytest.mark.parametrize("mom2_adjustment", [True, False])
-def test_edit_is_a_rank_one_map_of_k_star_and_restore_is_exact(tiny, tmp_path, mom2_adjustment):
+def test_edit_is_a_rank_one_map_of_k_star_and_restore_is_exact(tiny, tmp_path, deltas, mom2_adjustment):
     model, tok = tiny
     before = snapshot(model)
     # No weight decay: on the random model the target NLL moves by ~1e-2, less than the decay term.
@@ -61,14 +103,16 @@ def test_edit_is_a_rank_one_map_of_k_star_and_restore_is_exact(tiny, tmp_path, m
     W0 = method.weight.detach().clone()
     located, _ = locate([REQS[0]], "skip")
     k = template_average(model, tok, located, method.templates, [(method.module, "input")])[0][0]
+    v_before = output_at(method.module, k)
     try:
         stats = method.edit([REQS[0]])
         assert stats["skipped_missing_subject"] == 0 and stats["steps"] >= 1
         assert stats["nll"] < stats["nll_start"]  # δ lowers the target NLL
+        (delta,) = deltas
+        assert delta.norm().item() == pytest.approx(stats["delta_norm"]) and stats["delta_norm"] > 0
+        assert_moves_key_by(output_at(method.module, k) - v_before, delta)  # the layer now sends k* to W k* + δ
         dW = method.weight.detach() - W0
         assert torch.linalg.matrix_rank(dW) == 1
-        torch.testing.assert_close(dW @ k, dW @ k / (dW @ k).norm() * stats["delta_norm"])  # ΔW k* = δ
-        assert abs((dW @ k).norm().item() - stats["delta_norm"]) < 1e-4 * stats["delta_norm"]
         changed = [name for name, v in model.state_dict().items() if not torch.equal(v, before[name])]
         assert changed == ["model.layers.1.mlp.down_proj.weight"]
     finally:
@@ -96,7 +140,7 @@ def test_sequential_edits_persist_and_state_round_trips(tiny, tmp_path):
     assert_same(model, before)
 
 
-def test_missing_subject_is_skipped_or_edited_at_the_last_token(tiny, tmp_path, caplog):
+def test_missing_subject_is_skipped_or_edited_at_the_last_token(tiny, tmp_path, caplog, deltas):
     model, tok = tiny
     before = snapshot(model)
     missing = [Request(prompt="Who founded Apple?", target_new="Zed", subject="Microsoft", loc_prompt="q", loc_answer="a", index=7),
@@ -114,16 +158,19 @@ def test_missing_subject_is_skipped_or_edited_at_the_last_token(tiny, tmp_path, 
     assert n_missing == 2 and [loc.subject_end for loc in located] == [len("Who founded Apple?")] * 2
     enc, pos = encode_at(tok, located[0].request.prompt, located[0].subject_end)
     assert pos == len(enc.ids) - 1
+    # Both requests have one prompt, so one key k* (at its last token): the two updates add up there.
+    k = template_average(model, tok, located[:1], method.templates, [(method.module, "input")])[0][0]
+    v_before = output_at(method.module, k)
     try:
         stats = method.edit(missing)
-        assert stats["skipped_missing_subject"] == 2 and "loss" in stats
-        assert not torch.equal(method.weight, method.original_weights[0])
+        assert stats["skipped_missing_subject"] == 2 and stats["steps"] >= 1 and len(deltas) == 2
+        assert_moves_key_by(output_at(method.module, k) - v_before, deltas[0] + deltas[1])
     finally:
         method.restore()
     assert_same(model, before)
 
 
-def test_gpt2_conv1d_layer(tmp_path):
+def test_gpt2_conv1d_layer(tmp_path, deltas):
     """GPT-2 stores c_proj transposed (Conv1D); the update goes through the (out, in) view.
 
     Layer 1 of 3: a δ in the last layer could not reach the target positions (zero gradient).
@@ -144,11 +191,13 @@ def test_gpt2_conv1d_layer(tmp_path):
     W0 = linear_weight(module).detach().clone()
     located, _ = locate([REQS[0]], "skip")
     k = template_average(model, tok, located, method.templates, [(module, "input")])[0][0]
+    v_before = output_at(module, k)
     try:
-        stats = method.edit([REQS[0]])
+        method.edit([REQS[0]])
+        # Through the module's own forward (x W + b on the (in, out) storage), not the (out, in) view.
+        assert_moves_key_by(output_at(module, k) - v_before, deltas[0])
         dW = linear_weight(module).detach() - W0
         assert torch.linalg.matrix_rank(dW) == 1
-        assert abs((dW @ k).norm().item() - stats["delta_norm"]) < 1e-3 * stats["delta_norm"]
         changed = [name for name, v in model.state_dict().items() if not torch.equal(v, before[name])]
         assert changed == ["transformer.h.1.mlp.c_proj.weight"]
     finally:

@@ -36,7 +36,11 @@ def test_multirun_one_run_per_combination(tmp_path, data_dir, launcher):
 
 def test_submitit_local_launcher(tmp_path, data_dir):
     results, _ = multirun(tmp_path, data_dir, "num_edits=2", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
-    assert len(results) == 1
+    (path,) = results
+    summary = json.loads(path.read_text())
+    points = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert (summary["method"], summary["num_edits"]) == ("ft_m", 2) and [p["n_edits"] for p in points] == [2]
+    assert summary["rel"] == points[0]["rel"]
 
 
 def test_optuna_sweeper_maximises_the_returned_objective(tmp_path, data_dir):

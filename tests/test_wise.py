@@ -1,4 +1,5 @@
 import io
+import json
 import math
 
 import pytest
@@ -279,7 +280,11 @@ def test_method_configs_and_a_loop_run(compose, data_dir, tmp_path):
     small = ["method.n_iter=2", "method.context_templates=1", "method.template_lengths=[3]", f"data_dir={data_dir}", "num_edits=2"]
     for mode in ("sequential", "single"):
         results = run(compose(["method=wise", f"edit_mode={mode}", "eval_every=1", *small]), tmp_path / mode)
-        assert {"rel", "gen", "loc"} <= results.keys()
+        points = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert [(p["n_edits"], p["edit_mode"]) for p in points] == [(1, mode), (2, mode)]
+        assert {k: results[k] for k in ("rel", "gen", "loc")} == {k: points[-1][k] for k in ("rel", "gen", "loc")}
+        assert all(0.0 <= results[k] <= 1.0 for k in ("rel", "gen", "loc"))
+        assert json.loads((tmp_path / mode / "results.json").read_text()) == json.loads(json.dumps(results))
 
 
 def test_device_map_auto_places_the_model_and_a_wise_run_scores_the_same(compose, data_dir, tmp_path):

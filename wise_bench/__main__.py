@@ -8,14 +8,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from wise_bench.config import register_configs
+from wise_bench.config import REPO_ROOT, register_configs
 from wise_bench.errors import UserError
 
 log = logging.getLogger("wise_bench")
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: a console script imports this module, where "../conf" would not resolve.
+@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float:
     from wise_bench.loop import run  # heavy imports (torch, transformers) after Hydra parsed the CLI
 
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> float:
     except UserError as e:
         log.error("%s", e)
         sys.exit(2)
+    if "stopped" in results:
+        sys.exit(3)  # on_nonfinite=stop: results.json holds the points computed before the fault
     if cfg.objective not in results:
         log.error("objective=%s is not among the run's metrics (%s)", cfg.objective, ", ".join(k for k, v in results.items() if isinstance(v, float)))
         sys.exit(2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from wise_bench.config import register_configs
+from wise_bench.config import REPO_ROOT, register_configs
 from wise_bench.errors import UserError
 
 log = logging.getLogger("wise_bench.calibrate")
@@ -71,7 +71,7 @@ def calibrate(cfg: DictConfig) -> dict:
     return result.values
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="calibrate")
+@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="calibrate")  # absolute: console script
 def main(cfg: DictConfig) -> None:
     try:
         calibrate(cfg)

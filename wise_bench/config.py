@@ -52,6 +52,16 @@ class EditModeKind(str, enum.Enum):
     paper_chunks = "paper_chunks"
 
 
+class OnTooLong(str, enum.Enum):
+    error = "error"  # stop before the weights load, naming file, record, field, tokens and limit
+    skip = "skip"  # leave the record out, take the next one, count it in results.json
+
+
+class OnNonFinite(str, enum.Enum):
+    stop = "stop"  # flush what is computed, record "stopped" in results.json, exit code 3
+    skip = "skip"  # bring back the state from before the step and record the skipped requests
+
+
 class LoggerKind(str, enum.Enum):
     none = "none"
     wandb = "wandb"
@@ -79,6 +89,9 @@ class ModelConfig:
     # "auto" (or any Hugging Face device_map): spread the weights over all visible GPUs, for models
     # larger than one GPU; inputs then go to the embedding's device. null: the whole model on `device`.
     device_map: Optional[str] = None
+    # Longest token sequence the run may feed the model (template + prompt + target); null: the
+    # model's max_position_embeddings. Checked on every text before the weights load.
+    max_length: Optional[int] = None
     random_init: Optional[RandomInitConfig] = None
     # Edited module(s) per method family, as the literature writes them, e.g.
     # {wise: "model.layers[27].mlp.down_proj", memit: ["model.layers[4].mlp.down_proj", ...]}.
@@ -104,6 +117,11 @@ class DatasetConfig:
 
 
 @dataclass
+class DataPolicyConfig:
+    on_too_long: OnTooLong = OnTooLong.error  # a record with a text over model.max_length
+
+
+@dataclass
 class EditModeConfig:
     kind: EditModeKind = EditModeKind.sequential
     batch_size: int = 1  # requests per edit step (edit_mode=batch)
@@ -124,6 +142,7 @@ class LoggerConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 32  # sequences per evaluation forward pass (length-sorted)
+    max_batch_tokens: int = 16384  # and at most this many tokens (padding included) per pass
 
 
 @dataclass
@@ -135,12 +154,14 @@ class Config:
     edit_mode: EditModeConfig = MISSING
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataPolicyConfig = field(default_factory=DataPolicyConfig)
+    on_nonfinite: OnNonFinite = OnNonFinite.stop  # a non-finite loss or edited tensor after an edit step
     num_edits: int = 100
     eval_every: int = 25
     seed: int = 0
     checkpoint_every: int = 0  # save method state, stream position and RNG every this many edits (0: off)
-    resume: Optional[str] = None
-    objective: str = "avg"  # the final metric the app returns to a sweeper (e.g. Optuna)  # a run directory holding checkpoint.pt: continue that run
+    resume: Optional[str] = None  # a run directory holding checkpoint.pt: continue that run
+    objective: str = "avg"  # the final metric the app returns to a sweeper (e.g. Optuna)
     data_dir: str = "${oc.env:WISE_BENCH_DATA_DIR,${repo_root:}/data}"
     device: Device = Device.auto
 
@@ -152,8 +173,18 @@ class CalibrateConfig(Config):
     out: str = "${repo_root:}/conf/calibration/${model.name}.yaml"
 
 
+@dataclass
+class BenchConfig(Config):
+    """``python scripts/bench.py``: the run's config plus the benchmark's own keys."""
+
+    out: str = "${hydra:runtime.output_dir}/bench.json"  # the figures as JSON
+    eval_requests: int = 500  # requests scored in the evaluation timing (the first N of the dataset)
+    threads: Optional[int] = None  # torch.set_num_threads; null: torch's default ($OMP_NUM_THREADS)
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     ConfigStore.instance().store(name="base_config", node=Config)
     ConfigStore.instance().store(name="base_calibrate_config", node=CalibrateConfig)
+    ConfigStore.instance().store(name="base_bench_config", node=BenchConfig)

@@ -5,10 +5,14 @@ record index and the field, so that a broken file is reported before any model l
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from wise_bench.limits import TokenLimit
 
 from wise_bench.config import DataFormat
 from wise_bench.errors import UserError
@@ -24,6 +28,10 @@ class DataError(UserError):
         if fieldname is not None:
             where += f", field '{fieldname}'"
         super().__init__(f"{where}: {message}")
+
+
+class TooLongError(DataError):
+    """A text over ``model.max_length`` tokens (skippable with ``data.on_too_long=skip``)."""
 
 
 @dataclass(frozen=True)
@@ -47,13 +55,15 @@ class EditDataset:
     requests: list[Request]
     # "Irrelevant" texts x_i (loc + " " + loc_ans of the train file), aligned with requests by index.
     train_texts: list[str] = field(default_factory=list)
+    # data.on_too_long=skip: "file, record i" of each record left out for a text over the limit.
+    skipped_too_long: list[str] = field(default_factory=list)
 
 
 def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(
             path,
-            "file not found. Run `python scripts/get_data.py` (needs internet) or point "
+            "file not found. Run `python -m wise_bench.download` (needs internet) or point "
             "data_dir / WISE_BENCH_DATA_DIR at a directory holding the benchmark files.",
         )
     try:
@@ -62,6 +72,10 @@ def _read_records(path: Path) -> list[dict]:
         raise DataError(path, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:  # json recurses once per nested list or object
+        raise DataError(path, "invalid JSON: nested too deeply to read") from None
+    except ValueError as e:  # valid JSON Python will not read: an integer over sys.get_int_max_str_digits() digits
+        raise DataError(path, f"invalid JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(path, f"expected a JSON list of records, found {type(records).__name__}")
     return records
@@ -155,39 +169,78 @@ def field_error(fmt: DataFormat, req: Request, attr: str, message: str) -> DataE
     return DataError(req.file, message, req.index, FIELDS[DataFormat(fmt)].get(attr, attr))
 
 
+def iter_requests(path: Path, fmt: DataFormat) -> Iterator[Request]:
+    """Records of a benchmark file, each validated as it is reached."""
+    fmt = DataFormat(fmt)
+    for i, raw in enumerate(_read_records(path)):
+        yield _parse(_Record(path, i, raw), fmt)
+
+
 def read_requests(path: Path, fmt: DataFormat, limit: int | None = None) -> list[Request]:
     """Parse and validate the first ``limit`` records (all when None) of a benchmark file."""
-    records = _read_records(path)
-    if limit is not None:
-        if limit > len(records):
-            raise DataError(path, f"has {len(records)} records but num_edits={limit} were asked for")
-        records = records[:limit]
-    fmt = DataFormat(fmt)
-    return [_parse(_Record(path, i, raw), fmt) for i, raw in enumerate(records)]
+    n_records = len(_read_records(path))
+    if limit is not None and limit > n_records:
+        raise DataError(path, f"has {n_records} records but num_edits={limit} were asked for")
+    return list(itertools.islice(iter_requests(path, fmt), limit))
 
 
-def load_dataset(cfg, data_dir: str | Path, num_edits: int) -> EditDataset:
-    """The first ``num_edits`` requests of ``cfg.edit_file`` and the aligned irrelevant texts."""
+def load_dataset(cfg, data_dir: str | Path, num_edits: int, limit: "TokenLimit | None" = None,
+                 skip_too_long: bool = False) -> EditDataset:
+    """The first ``num_edits`` requests of ``cfg.edit_file`` and the aligned irrelevant texts.
+
+    With a token ``limit``, a record holding a text over it raises ``TooLongError``, or, with
+    ``skip_too_long``, is left out and the next record takes its place (likewise irrelevant texts).
+    """
     data_dir = Path(data_dir)
+    path = data_dir / cfg.edit_file
     if cfg.max_records is not None and num_edits > cfg.max_records:
         raise UserError(f"dataset={cfg.name} holds the first {cfg.max_records} records of {cfg.edit_file}, "
                         f"but num_edits={num_edits} were asked for")
-    requests = read_requests(data_dir / cfg.edit_file, cfg.format, num_edits)
+    n_records = len(_read_records(path))
+    if num_edits > n_records:
+        raise DataError(path, f"has {n_records} records but num_edits={num_edits} were asked for")
+    records = itertools.islice(iter_requests(path, cfg.format), cfg.max_records)
+    requests: list[Request] = []
+    skipped: list[str] = []
+    for req in records:
+        if len(requests) == num_edits:
+            break
+        over = limit.request(req) if limit is not None else None
+        if over is None:
+            requests.append(req)
+            continue
+        attr, n, counted = over
+        if not skip_too_long:
+            raise TooLongError(req.file, f"{counted} is {n} tokens, over model.max_length={limit.max_length} "
+                               "(data.on_too_long=skip leaves such records out)",
+                               req.index, FIELDS[DataFormat(cfg.format)].get(attr, attr))
+        skipped.append(f"{req.file}, record {req.index}")
+    if len(requests) < num_edits:
+        raise DataError(path, f"only {len(requests)} records fit model.max_length ({len(skipped)} too long), "
+                        f"but num_edits={num_edits} were asked for")
     train_texts: list[str] = []
     if cfg.train_file:
-        train = read_irrelevant_texts(data_dir / cfg.train_file, cfg.format)
+        train = read_irrelevant_texts(data_dir / cfg.train_file, cfg.format, limit, skip_too_long)
         # Cycled when shorter than the edit stream (WISE spec).
         train_texts = [train[(i + cfg.train_offset) % len(train)] for i in range(len(requests))]
-    return EditDataset(name=cfg.name, requests=requests, train_texts=train_texts)
+    return EditDataset(name=cfg.name, requests=requests, train_texts=train_texts, skipped_too_long=skipped)
 
 
-def read_irrelevant_texts(path: Path, fmt: DataFormat) -> list[str]:
-    """``loc + " " + loc_ans`` of every record of a train file (only those fields must be valid)."""
+def read_irrelevant_texts(path: Path, fmt: DataFormat, limit: "TokenLimit | None" = None,
+                          skip_too_long: bool = False) -> list[str]:
+    """``loc + " " + loc_ans`` of every record of a train file (only those fields must be valid);
+    with a token ``limit``, a text over it raises ``TooLongError`` or, with ``skip_too_long``, is left out."""
     fields = FIELDS[DataFormat(fmt)]
     texts = []
     for i, raw in enumerate(_read_records(path)):
         r = _Record(path, i, raw)
-        texts.append(f"{r.text(fields['loc_prompt'])} {r.text(fields['loc_answer'], allow_empty=True)}".rstrip())
+        text = f"{r.text(fields['loc_prompt'])} {r.text(fields['loc_answer'], allow_empty=True)}".rstrip()
+        n = limit.text(text) if limit is not None else None
+        if n is not None and not skip_too_long:
+            raise TooLongError(path, f"loc + loc_ans is {n} tokens, over model.max_length={limit.max_length}",
+                               i, fields["loc_prompt"])
+        if n is None:
+            texts.append(text)
     if not texts:
-        raise DataError(path, "has no records")
+        raise DataError(path, "has no records" + (" that fit model.max_length" if limit is not None else ""))
     return texts

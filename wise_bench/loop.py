@@ -11,12 +11,15 @@ Two shapes of run:
 """
 from __future__ import annotations
 
+import copy
 import logging
+import math
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,9 +30,10 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from wise_bench.config import EditModeKind
+from wise_bench.config import EditModeKind, MetricName, OnNonFinite, OnTooLong
 from wise_bench.data import load_dataset
 from wise_bench.errors import UserError
+from wise_bench.limits import TokenLimit, model_max_length
 from wise_bench.loggers import make_logger
 from wise_bench.methods import METHODS, EditContext, Method
 from wise_bench.metrics import SCORERS, Evaluator, aggregate
@@ -70,7 +74,7 @@ def method_config(cfg: DictConfig) -> tuple[type[Method], DictConfig]:
 
 
 def check_numbers(cfg: DictConfig, mode: EditModeKind) -> None:
-    for key in ("num_edits", "eval_every", "edit_mode.batch_size", "edit_mode.chunk_size"):
+    for key in ("num_edits", "eval_every", "edit_mode.batch_size", "edit_mode.chunk_size", "eval.batch_size", "eval.max_batch_tokens"):
         if OmegaConf.select(cfg, key) < 1:
             raise UserError(f"{key} must be >= 1")
     if mode is EditModeKind.paper_chunks and cfg.num_edits % cfg.edit_mode.chunk_size:
@@ -103,18 +107,22 @@ def run_names(cfg: DictConfig) -> tuple[str, str]:
 
 
 def comparable_config(cfg: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RESUME_FREE_KEYS}
+    # Enums as their names: a checkpoint holds only types that torch.load(weights_only=True) accepts.
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return {k: v for k, v in config.items() if k not in RESUME_FREE_KEYS}
 
 
-def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int, timing: Timing, counts: dict) -> None:
+def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int, timing: Timing, counts: dict,
+                    skipped_requests: list[int]) -> None:
     state = {
         "n_edits": n_edits,
         "config": comparable_config(cfg),
         "method": method.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "timing": {"edit_s": timing.edit_s, "eval_s": timing.eval_s, "elapsed": timing.elapsed()},
         "counts": dict(counts),
+        "skipped_requests": list(skipped_requests),
     }
     tmp = run_dir / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
@@ -125,7 +133,11 @@ def load_checkpoint(resume_dir: str, cfg: DictConfig) -> dict:
     path = Path(resume_dir) / CHECKPOINT
     if not path.is_file():
         raise UserError(f"resume={resume_dir}: no {CHECKPOINT} there (was the run started with checkpoint_every > 0?)")
-    state = torch.load(path, weights_only=False)
+    try:
+        state = torch.load(path, weights_only=True)  # tensors and plain containers only: no code runs on load
+    except pickle.UnpicklingError:
+        raise UserError(f"resume={resume_dir}: {CHECKPOINT} holds objects other than tensors and plain containers "
+                        "(written by an older wise-bench?); start the run again") from None
     now = comparable_config(cfg)
     differ = sorted(k for k in now.keys() | state["config"].keys() if now.get(k) != state["config"].get(k))
     if differ:
@@ -133,10 +145,17 @@ def load_checkpoint(resume_dir: str, cfg: DictConfig) -> dict:
     return state
 
 
+def numpy_rng_state() -> tuple:
+    """numpy's global RNG state with its key array as a tensor (weights_only loads no ndarray)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss
+
+
 def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    kind, key, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
 
@@ -152,9 +171,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     checkpoint = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
 
     # --- checks that need no model weights ---
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits)
+    load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits)  # files, records and fields, before any model file is read
     tokenizer = load_tokenizer(cfg.model)
-    evaluator = Evaluator(tokenizer, dataset.requests, cfg.dataset.format, cfg.dataset.metrics, cfg.eval.batch_size)
+    limit = TokenLimit(tokenizer, model_max_length(cfg.model, len(tokenizer)), cls.prefix_tokens(method_cfg, tokenizer),
+                       frozenset(MetricName(m).value for m in cfg.dataset.metrics))
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits, limit, OnTooLong(cfg.data.on_too_long) is OnTooLong.skip)
+    evaluator = Evaluator(tokenizer, dataset.requests, cfg.dataset.format, cfg.dataset.metrics, cfg.eval.batch_size,
+                          cfg.eval.max_batch_tokens)
     check_module_paths(cfg.model, len(tokenizer), cls.module_paths(method_cfg))
 
     set_seed(cfg.seed)
@@ -182,15 +205,23 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("pre-edit: %s", _fmt(pre))
 
     counts: dict[str, int] = {}
+    if dataset.skipped_too_long:
+        counts["skipped_too_long"] = len(dataset.skipped_too_long)
+    progress = Progress()
     shared = dict(method=method, model=model, evaluator=evaluator, requests=dataset.requests, cfg=cfg,
-                  recorder=recorder, tracker=tracker, timing=timing, counts=counts)
-    if mode in (EditModeKind.single, EditModeKind.paper_chunks):
-        chunk = cfg.edit_mode.chunk_size if mode is EditModeKind.paper_chunks else 1
-        rows, final = run_chunks(chunk_size=chunk, step_size=step_size, **shared)
-    else:
-        rows, final = run_stream(step_size=step_size, checkpoint=checkpoint, run_dir=run_dir, **shared)
+                  recorder=recorder, tracker=tracker, timing=timing, counts=counts, progress=progress)
+    try:
+        if mode in (EditModeKind.single, EditModeKind.paper_chunks):
+            chunk = cfg.edit_mode.chunk_size if mode is EditModeKind.paper_chunks else 1
+            run_chunks(chunk_size=chunk, step_size=step_size, **shared)
+        else:
+            run_stream(step_size=step_size, checkpoint=checkpoint, run_dir=run_dir, **shared)
+    except NonFiniteStop as stop:
+        progress.stopped = str(stop)
+        log.error("stopped: %s (on_nonfinite=stop); the points computed so far are kept", stop)
 
-    recorder.write_samples(rows, cfg.num_edits)
+    rows, final = progress.rows, progress.final
+    recorder.write_samples(rows, progress.last_point)
     tracker.log_samples(rows)
     results = {
         **final,
@@ -203,12 +234,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "timing": {
             "edit_s_total": round(timing.edit_s, 3),
-            "edit_s_per_edit": round(timing.edit_s / cfg.num_edits, 4),
+            "edit_s_per_edit": round(timing.edit_s / max(progress.edits_done, 1), 4),
             "eval_s_total": round(timing.eval_s, 3),
         },
     }
     if counts:
         results["skipped"] = counts
+    if progress.skipped_requests:
+        results["skipped_requests"] = progress.skipped_requests  # on_nonfinite=skip: left unedited
+    if dataset.skipped_too_long:
+        results["skipped_too_long"] = dataset.skipped_too_long
+    if progress.stopped:
+        results["stopped"] = progress.stopped
+        results["num_edits_done"] = progress.edits_done
     if checkpoint is not None:
         results["resumed_from"] = {"run_dir": str(cfg.resume), "n_edits": checkpoint["n_edits"]}
     path = recorder.write_results(results)
@@ -217,7 +255,57 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, step_size, checkpoint, run_dir):
+class NonFiniteStop(Exception):
+    """A non-finite loss or edited tensor under on_nonfinite=stop."""
+
+
+@dataclass
+class Progress:
+    """What a run has computed so far: all of it is kept when the run stops early."""
+
+    rows: list[dict] = field(default_factory=list)  # per-request scores at the last evaluation point
+    final: dict[str, float] = field(default_factory=dict)
+    last_point: int = 0  # edits made before the last evaluation point
+    edits_done: int = 0
+    skipped_requests: list[int] = field(default_factory=list)  # on_nonfinite=skip: steps rolled back
+    stopped: Optional[str] = None
+
+
+def edit_step(method: Method, step: list, begin: int, policy: OnNonFinite, timing: Timing, counts: dict,
+              progress: Progress) -> dict[str, float]:
+    """One edit step, checked for non-finite values; stops the run or rolls the step back (policy)."""
+    before = copy.deepcopy(method.state_dict()) if policy is OnNonFinite.skip else None
+    t0 = time.perf_counter()
+    stats = method.edit(step)
+    timing.edit_s += time.perf_counter() - t0
+    progress.edits_done += len(step)
+    fault = nonfinite(stats, method)
+    if fault is None:
+        tally(counts, stats)
+        return stats
+    where = f"edit {begin + 1}" if len(step) == 1 else f"edits {begin + 1}-{begin + len(step)}"
+    if policy is OnNonFinite.stop:
+        raise NonFiniteStop(f"{fault} at {where}")
+    method.load_state_dict(before)
+    progress.skipped_requests += [begin + i for i in range(len(step))]
+    counts["skipped_nonfinite"] = counts.get("skipped_nonfinite", 0) + len(step)
+    log.warning("%s at %s: step rolled back, request(s) left unedited (on_nonfinite=skip)", fault, where)
+    return stats
+
+
+def nonfinite(stats: dict[str, float], method: Method) -> Optional[str]:
+    """What is non-finite after a step: a loss the method reports, or a tensor it edited; None if nothing."""
+    for key, value in stats.items():
+        if "loss" in key and not math.isfinite(value):
+            return f"non-finite {key}"
+    tensors = method.edited_tensors()
+    if tensors and not torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors]).all():
+        return "non-finite edited weights"
+    return None
+
+
+def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, progress, step_size,
+               checkpoint, run_dir) -> None:
     """Sequential / batch editing of one model; evaluation of all edits so far at each point."""
     start = 0
     if checkpoint is not None:
@@ -227,44 +315,37 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
         timing.edit_s, timing.eval_s = checkpoint["timing"]["edit_s"], checkpoint["timing"]["eval_s"]
         timing.elapsed_before = checkpoint["timing"]["elapsed"]
         counts.update(checkpoint["counts"])
+        progress.skipped_requests = list(checkpoint.get("skipped_requests", []))
+        progress.edits_done = start
         recorder.copy_points_from(Path(cfg.resume), upto=start)
         log.info("resumed from %s after %d edits", cfg.resume, start)
 
-    rows: list[dict] = []
-    final: dict[str, float] = {}
     steps = edit_steps(cfg.num_edits, step_size, cfg.eval_every, start)
     bar = tqdm(steps, total=-(-(cfg.num_edits - start) // step_size), desc="editing", unit="step")
     for begin, stop, evaluate_now in bar:
-        t0 = time.perf_counter()
-        stats = method.edit(requests[begin:stop])
-        timing.edit_s += time.perf_counter() - t0
-        tally(counts, stats)
+        stats = edit_step(method, requests[begin:stop], begin, OnNonFinite(cfg.on_nonfinite), timing, counts, progress)
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         if evaluate_now:
             t0 = time.perf_counter()
-            rows = evaluator.score(model, range(stop))
-            final = aggregate(rows)
-            tracker.log(recorder.log_point(stop, final, timing.elapsed(), timing.edit_s), step=stop)
-            log.info("after %d edits: %s", stop, _fmt(final))
+            progress.rows = evaluator.score(model, range(stop))
+            progress.final, progress.last_point = aggregate(progress.rows), stop
+            tracker.log(recorder.log_point(stop, progress.final, timing.elapsed(), timing.edit_s), step=stop)
+            log.info("after %d edits: %s", stop, _fmt(progress.final))
             timing.eval_s += time.perf_counter() - t0
         if cfg.checkpoint_every and stop // cfg.checkpoint_every > begin // cfg.checkpoint_every and stop < cfg.num_edits:
-            save_checkpoint(run_dir, cfg, method, stop, timing, counts)
-    return rows, final
+            save_checkpoint(run_dir, cfg, method, stop, timing, counts, progress.skipped_requests)
 
 
-def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, chunk_size, step_size):
+def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, progress, chunk_size,
+               step_size) -> None:
     """Each chunk edited from the unedited model, scored after its last edit, then restored."""
     rows: list[dict] = []
-    final: dict[str, float] = {}
     bar = tqdm(range(len(requests)), desc="editing", unit="edit")
     for begin in range(0, len(requests), chunk_size):
         stop = begin + chunk_size
         for i in range(begin, stop, step_size):
             step = requests[i:min(i + step_size, stop)]
-            t0 = time.perf_counter()
-            stats = method.edit(step)
-            timing.edit_s += time.perf_counter() - t0
-            tally(counts, stats)
+            stats = edit_step(method, step, i, OnNonFinite(cfg.on_nonfinite), timing, counts, progress)
             bar.update(len(step))
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         t0 = time.perf_counter()
@@ -275,12 +356,11 @@ def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timin
             recorder.log_chunk(begin // chunk_size, begin, stop, aggregate(chunk_rows))
         if stop == len(requests) or stop // cfg.eval_every > begin // cfg.eval_every:
             # Chunks are equal-sized, so the mean over requests is the mean over chunks.
-            final = aggregate(rows)
-            tracker.log(recorder.log_point(stop, final, timing.elapsed(), timing.edit_s), step=stop)
-            log.info("after %d edits: %s", stop, _fmt(final))
+            progress.rows, progress.final, progress.last_point = list(rows), aggregate(rows), stop
+            tracker.log(recorder.log_point(stop, progress.final, timing.elapsed(), timing.edit_s), step=stop)
+            log.info("after %d edits: %s", stop, _fmt(progress.final))
         timing.eval_s += time.perf_counter() - t0
     bar.close()
-    return rows, final
 
 
 def tally(counts: dict[str, int], stats: dict[str, float]) -> None:

@@ -1,4 +1,4 @@
-"""Scorers of ../spec/metrics.md: teacher-forced token accuracy, locality agreement, perplexity, OOD.
+"""Scorers of docs/metrics.md: teacher-forced token accuracy, locality agreement, perplexity, OOD.
 
 All scores come from one teacher-forced forward pass over ``prompt + " " + target``. Evaluation is
 batched with left padding and explicit position ids, so every request gets exactly the values it
@@ -135,17 +135,27 @@ class TokenBatch:
         return total / self.target_mask.sum(-1)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of at most ``batch_size`` sequences and, padding
+    included, at most ``max_tokens`` tokens (a longer sequence gets a batch of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        # Sorted ascending, so the padded width of a batch is the length of the sequence joining it.
+        if batches and len(batches[-1]) < batch_size and (max_tokens is None or (len(batches[-1]) + 1) * lengths[i] <= max_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.inference_mode()
-def teacher_forced(model: nn.Module, seqs: Sequence[Encoded], pad_id: int, batch_size: int) -> list[TokenScores]:
+def teacher_forced(model: nn.Module, seqs: Sequence[Encoded], pad_id: int, batch_size: int,
+                   max_tokens: int | None = None) -> list[TokenScores]:
     """One forward pass per batch; for each sequence, predictions and NLL at its target positions."""
     device = next(model.parameters()).device
     out: list[TokenScores | None] = [None] * len(seqs)
-    batches = length_sorted_batches([len(s.ids) for s in seqs], batch_size)
+    batches = length_sorted_batches([len(s.ids) for s in seqs], batch_size, max_tokens)
     for batch_idx in tqdm(batches, desc="evaluating", unit="batch", leave=False, disable=len(batches) < 8):
         batch = TokenBatch.build([seqs[i] for i in batch_idx], pad_id, device)
         logp, gold, rows = batch.target_logprobs(batch.target_logits(model))
@@ -205,10 +215,12 @@ class Evaluator:
     DataError that names the file, record and field; it needs only the tokenizer, not the model.
     """
 
-    def __init__(self, tokenizer, requests: Sequence[Request], fmt: DataFormat, metrics: Iterable, batch_size: int):
+    def __init__(self, tokenizer, requests: Sequence[Request], fmt: DataFormat, metrics: Iterable, batch_size: int,
+                 max_batch_tokens: int | None = None):
         self.metrics = {MetricName(m).value for m in metrics}
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         # Per request: (metric key, Encoded) for every text it is scored on.
         self.items: list[list[tuple[str, Encoded]]] = []
         for req in requests:
@@ -233,7 +245,7 @@ class Evaluator:
     def record_unedited_locality(self, model: nn.Module) -> None:
         """Argmax tokens of the unedited model on every locality text (computed once per run)."""
         locs = {i: enc for i, items in enumerate(self.items) for key, enc in items if key == "loc"}
-        scores = teacher_forced(model, list(locs.values()), self.pad_id, self.batch_size)
+        scores = teacher_forced(model, list(locs.values()), self.pad_id, self.batch_size, self.max_batch_tokens)
         self.loc_before = {i: s.pred for i, s in zip(locs, scores)}
 
     def score(self, model: nn.Module, indices: Sequence[int]) -> list[dict]:
@@ -241,7 +253,7 @@ class Evaluator:
         if self.loc_before is None:
             raise RuntimeError("record_unedited_locality must run on the unedited model first")
         flat = [(i, key, enc) for i in indices for key, enc in self.items[i]]
-        scores = teacher_forced(model, [enc for _, _, enc in flat], self.pad_id, self.batch_size)
+        scores = teacher_forced(model, [enc for _, _, enc in flat], self.pad_id, self.batch_size, self.max_batch_tokens)
         rows = {i: {"index": i} for i in indices}
         portability: dict[int, list[float]] = {}
         for (i, key, _), s in zip(flat, scores):

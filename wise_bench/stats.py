@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from wise_bench.errors import UserError
 from wise_bench.metrics import Encoded, TokenBatch, length_sorted_batches
-from wise_bench.models import get_module
+from wise_bench.models import get_module, input_device, linear_weight
 
 DEFAULT_STATS_DIR = "~/.cache/wise_bench/stats"
 TRAIN_TEXTS = "train_texts"  # corpus name: the run's irrelevant texts (EditContext.train_texts)
@@ -131,17 +131,18 @@ def stats_key(model: nn.Module, layer: str, corpus: str, texts: Sequence[str], m
 def collect_second_moments(
     model: nn.Module, tokenizer, layers: Sequence[str], texts: Sequence[str], max_length: int, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """E[k kᵀ] over every non-padding token of ``texts`` of each layer's input k, in one pass."""
-    device = next(model.parameters()).device
+    """E[k kᵀ] over every non-padding token of ``texts`` of each layer's input k, in one pass; each
+    on the device of its layer's input."""
+    device = input_device(model)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     mask: torch.Tensor | None = None
 
     def hook(layer: str):
         def accumulate(_module, inputs):
-            k = inputs[0][mask].to(dtype)  # [tokens, d_in], padding dropped
+            k = inputs[0][mask.to(inputs[0].device)].to(dtype)  # [tokens, d_in], padding dropped
             if layer not in sums:
-                sums[layer] = torch.zeros(k.shape[-1], k.shape[-1], dtype=dtype, device=device)
+                sums[layer] = torch.zeros(k.shape[-1], k.shape[-1], dtype=dtype, device=k.device)
             sums[layer].addmm_(k.T, k)
         return accumulate
 
@@ -170,15 +171,15 @@ def second_moments(
     stats_dir: str | Path = DEFAULT_STATS_DIR,
     max_length: int = 256,
 ) -> dict[str, torch.Tensor]:
-    """C for each layer on the model's device: read from the cache, or computed (one pass) and cached.
+    """C for each layer on the device of its input: read from the cache, or computed (one pass) and cached.
 
     Must run on the unedited model: the inputs of a layer depend on the layers below it.
     """
     texts = load_corpus(corpus, train_texts)[:n_samples]
     keys = {layer: stats_key(model, layer, corpus, texts, max_length, dtype) for layer in layers}
-    device = next(model.parameters()).device
     cached = {layer: k.path(stats_dir) for layer, k in keys.items() if k.path(stats_dir).is_file()}
-    out = {layer: torch.load(path, map_location=device)["mom2"] for layer, path in cached.items()}
+    out = {layer: torch.load(path, map_location=linear_weight(get_module(model, layer)).device, weights_only=True)["mom2"]
+           for layer, path in cached.items()}
     missing = [layer for layer in layers if layer not in out]
     if missing:
         for layer, mom2 in collect_second_moments(model, tokenizer, missing, texts, max_length, dtype).items():

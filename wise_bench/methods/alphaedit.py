@@ -1,4 +1,4 @@
-"""AlphaEdit: MEMIT's update projected onto the null space of preserved knowledge (../spec/baselines.md).
+"""AlphaEdit: MEMIT's update projected onto the null space of preserved knowledge (docs/locate_edit.md).
 
 Keys and target residuals are MEMIT's. The update is ΔW = R Kᵀ P (K Kᵀ P + K_p K_pᵀ P + L2·I)⁻¹, where
 P = U₀U₀ᵀ projects onto the eigenvectors of the keys' second moment C with eigenvalues below a

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -46,6 +46,12 @@ class Method:
         """Dotted module paths the method edits, checked against the model before it loads."""
         return []
 
+    @staticmethod
+    def prefix_tokens(cfg: Any, tokenizer: Any) -> int:
+        """An upper bound on the tokens the method puts before a prompt (context templates), so
+        that lengths are checked before the model loads."""
+        return 0
+
     def edit(self, requests: list[Request]) -> dict[str, float]:
         """Apply one edit step for ``requests``; return scalar statistics (e.g. final loss)."""
         raise NotImplementedError
@@ -61,9 +67,26 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def edited_tensors(self) -> list[torch.Tensor]:
+        """The tensors edits change, checked for non-finite values after every edit step."""
+        return list(tensors_in(self.state_dict()))
+
     # Methods whose hyperparameters are absolute numbers tied to the model's activation scale set
     # ``calibrate = classmethod(...)``: (cfg, model, ctx, requests of a tuning split) -> Calibration.
     calibrate: ClassVar[Any] = None
+
+
+def tensors_in(state: Any) -> Iterator[torch.Tensor]:
+    """Every floating-point tensor in a nested structure of dicts, lists and tuples."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point():
+            yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from tensors_in(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from tensors_in(value)
 
 
 class WeightEditor(Method):
@@ -81,6 +104,9 @@ class WeightEditor(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"weights": [w.detach().clone() for w in self.edited_weights]}
+
+    def edited_tensors(self) -> list[torch.Tensor]:
+        return list(self.edited_weights)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""DEFER: a learned gate and a new linear map on one layer (../spec/baselines.md, docs/baselines.md).
+"""DEFER: a learned gate and a new linear map on one layer (docs/baselines.md, DEFER).
 
 At every token position, g(h) = sigmoid(w·h + b) decides whether the layer's output is the new map
 V h (g >= 0.5) or the original W h. Training mixes the two softly, g·Vh + (1 - g)·Wh, so that the

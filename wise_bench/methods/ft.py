@@ -1,4 +1,4 @@
-"""FT-L and FT-M: fine-tune the weight of one layer on the edit (../spec/baselines.md)."""
+"""FT-L and FT-M: fine-tune the weight of one layer on the edit (docs/baselines.md, FT-L and FT-M)."""
 from __future__ import annotations
 
 import enum
@@ -48,16 +48,21 @@ class FT(WeightEditor):
         self.keep_originals([self.weight])
         self.original = self.original_weights[0]
 
+    def encode(self, requests: list[Request]) -> list[Encoded]:
+        return [encode_pair(self.ctx.tokenizer, r.prompt, r.target_new) for r in requests]
+
     def _loss_fn(self, requests: list[Request]) -> Callable[[], torch.Tensor]:
-        """Tokenise once per edit; the returned closure runs one forward pass and gives the loss."""
+        return self.edit_loss(self.encode(requests))
+
+    def edit_loss(self, encoded: list[Encoded]) -> Callable[[], torch.Tensor]:
+        """FT's loss on encoded edits: a closure that runs one forward pass (tokenised once per edit)."""
         tok, device = self.ctx.tokenizer, self.ctx.device
-        encoded = [encode_pair(tok, r.prompt, r.target_new) for r in requests]
         if FTLoss(self.cfg.loss) is FTLoss.teacher_forced:
             batch = TokenBatch.build(encoded, tok.pad_token_id, device)
             return lambda: batch.mean_target_nll(batch.target_logits(self.model)).mean()
 
         prompts = TokenBatch.build([Encoded(e.ids[: e.target_pos[0]], ()) for e in encoded], tok.pad_token_id, device)
-        targets = [torch.tensor([e.ids[p] for p in e.target_pos], device=device) for e in encoded]
+        targets = [[e.ids[p] for p in e.target_pos] for e in encoded]  # lists index logits on any device
 
         def prompt_last() -> torch.Tensor:
             # Left padding puts every prompt's last token in the last column.

@@ -1,4 +1,4 @@
-"""FT-EWC: FT-M plus an elastic weight consolidation penalty (../spec/baselines.md, docs/baselines.md).
+"""FT-EWC: FT-M plus an elastic weight consolidation penalty (docs/baselines.md, FT-EWC).
 
 Before each edit, the Fisher diagonal F of the edited weight is estimated from the squared gradients
 of the FT-M loss of the most recent edits (``memory`` of them), and the anchor θ* is the weight as it
@@ -14,6 +14,7 @@ import torch
 
 from wise_bench.data import Request
 from wise_bench.methods.ft import FT, FTConfig
+from wise_bench.metrics import Encoded
 
 
 @dataclass
@@ -29,7 +30,8 @@ class FTEWC(FT):
 
     def __init__(self, cfg: FTEWCConfig, model, ctx):
         super().__init__(cfg, model, ctx)
-        self.memory: deque[Request] = deque(maxlen=cfg.memory)
+        # Token ids, not requests: the state (and so a checkpoint) holds only plain types.
+        self.memory: deque[Encoded] = deque(maxlen=cfg.memory)
         self.consolidated: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (Fisher, anchor) of this edit
 
     def fisher_diagonal(self) -> torch.Tensor:
@@ -37,8 +39,8 @@ class FTEWC(FT):
         fisher = torch.zeros_like(self.weight, dtype=torch.float32)  # bf16 cannot hold the sum of squares
         self.weight.requires_grad_(True)
         try:
-            for request in self.memory:
-                (grad,) = torch.autograd.grad(super()._loss_fn([request])(), self.weight)
+            for encoded in self.memory:
+                (grad,) = torch.autograd.grad(self.edit_loss([encoded])(), self.weight)
                 fisher += grad.float().pow(2)
         finally:
             self.weight.requires_grad_(False)
@@ -60,7 +62,7 @@ class FTEWC(FT):
                 stats["ewc_penalty"] = self.cfg.ewc_lambda * ewc_penalty(self.weight, *self.consolidated).item()
         finally:
             self.consolidated = None
-        self.memory.extend(requests)
+        self.memory.extend(self.encode(requests))
         return stats
 
     def restore(self) -> None:
@@ -68,11 +70,11 @@ class FTEWC(FT):
         self.memory.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "memory": list(self.memory)}
+        return {**super().state_dict(), "memory": [[list(e.ids), list(e.target_pos)] for e in self.memory]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.memory = deque(state["memory"], maxlen=self.cfg.memory)
+        self.memory = deque((Encoded(tuple(ids), tuple(pos)) for ids, pos in state["memory"]), maxlen=self.cfg.memory)
 
 
 def ewc_penalty(weight: torch.Tensor, fisher: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""GRACE: a codebook of (key, value, radius) entries on one layer (../spec/baselines.md, docs/baselines.md).
+"""GRACE: a codebook of (key, value, radius) entries on one layer (docs/baselines.md, GRACE).
 
 Routing is per token position: a position whose layer input lies within the radius of its nearest
 key is "edited". The edit key is the layer input at the position that predicts the first target
@@ -178,8 +178,9 @@ class GRACE(Method):
     def __init__(self, cfg: GRACEConfig, model, ctx):
         super().__init__(cfg, model, ctx)
         self.original = get_module(model, cfg.layer)
+        self.device = linear_weight(self.original).device  # the codebook lives beside the layer
         out_dim, in_dim = linear_weight(self.original).shape
-        self.codebook = Codebook.empty(in_dim, out_dim, ctx.device)
+        self.codebook = Codebook.empty(in_dim, out_dim, self.device)
         self.adapter: Optional[GRACEAdapter] = None
         self._mask_hook = None
         self._rng = torch.Generator().manual_seed(ctx.seed)
@@ -199,17 +200,17 @@ class GRACE(Method):
     def _cold_value(self) -> torch.Tensor:
         # The reference's "cold" init: uniform in [0, 1); seeded, so runs are reproducible.
         out_dim = self.codebook.values.shape[1]
-        return torch.rand(out_dim, generator=self._rng).to(self.ctx.device)
+        return torch.rand(out_dim, generator=self._rng).to(self.device)
 
     def edit(self, requests: list[Request]) -> dict[str, float]:
         adapter = self._install()
-        tok, device = self.ctx.tokenizer, self.ctx.device
+        tok = self.ctx.tokenizer
         encoded = [encode_pair(tok, r.prompt, r.target_new) for r in requests]
-        batch = TokenBatch.build(encoded, tok.pad_token_id, device)
+        batch = TokenBatch.build(encoded, tok.pad_token_id, self.ctx.device)  # token ids go where the embedding is
         keys = key_vectors(layer_inputs(self.model, self.original, batch), encoded)
 
         outcomes = [self.codebook.insert(k, r.target_new, self.cfg.eps_init, self._cold_value()) for k, r in zip(keys, requests)]
-        trained = torch.tensor(sorted({i for i, _ in outcomes}), device=device)
+        trained = torch.tensor(sorted({i for i, _ in outcomes}), device=self.device)
         rows = nn.Parameter(self.codebook.values[trained].clone())
         opt = torch.optim.Adam([rows], lr=self.cfg.lr)
         adapter.training_values = (trained, rows)
@@ -237,7 +238,7 @@ class GRACE(Method):
             self._mask_hook.remove()
             self.adapter = self._mask_hook = None
         out_dim, in_dim = linear_weight(self.original).shape
-        self.codebook = Codebook.empty(in_dim, out_dim, self.ctx.device)
+        self.codebook = Codebook.empty(in_dim, out_dim, self.device)
         self._rng.manual_seed(self.ctx.seed)
 
     def state_dict(self) -> dict[str, Any]:
@@ -246,9 +247,8 @@ class GRACE(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restore()
-        self.codebook = Codebook(state["keys"].clone(), state["values"].clone(), state["eps"].clone(), list(state["labels"]))
-        if "rng" in state:
-            self._rng.set_state(state["rng"])
+        self.codebook = Codebook(*(state[k].to(self.device, copy=True) for k in ("keys", "values", "eps")), list(state["labels"]))
+        self._rng.set_state(state["rng"])
         if len(self.codebook):
             self._install()
 

@@ -1,4 +1,4 @@
-"""MEMIT: a batch of edits spread over several consecutive MLP output matrices (../spec/baselines.md).
+"""MEMIT: a batch of edits spread over several consecutive MLP output matrices (docs/locate_edit.md).
 
 For each request, a δ at the last edited layer's output (ROME's value, shared code) gives the
 target hidden state z* = z + δ of the residual stream after that layer. Then, layer by layer from
@@ -17,7 +17,8 @@ from omegaconf import MISSING
 from wise_bench.config import DType
 from wise_bench.data import Request
 from wise_bench.methods.base import Calibration, WeightEditor
-from wise_bench.methods.rome import Located, LocateConfig, compute_delta, context_templates, locate, mean_stats, template_average
+from wise_bench.methods.rome import (Located, LocateConfig, compute_delta, context_templates, locate, mean_stats,
+                                     template_average, template_tokens)
 from wise_bench.models import get_module, linear_weight
 from wise_bench.stats import second_moments
 
@@ -45,6 +46,8 @@ def memit_update(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float) 
 class MEMIT(WeightEditor):
     Config = MEMITConfig
 
+    prefix_tokens = staticmethod(template_tokens)
+
     @staticmethod
     def module_paths(cfg: MEMITConfig) -> list[str]:
         return [*cfg.layers, block_path(cfg.layers[-1])]
@@ -59,7 +62,7 @@ class MEMIT(WeightEditor):
         self.templates = context_templates(model, ctx.tokenizer, cfg.context_templates, cfg.context_template_length, ctx.seed)
         moments = second_moments(model, ctx.tokenizer, cfg.layers, cfg.mom2_dataset, ctx.train_texts,
                                  cfg.mom2_n_samples, getattr(torch, DType(cfg.mom2_dtype).value), cfg.stats_dir)
-        self.precompute([moments[layer] for layer in cfg.layers])
+        self.precompute([moments[layer].to(w.device) for layer, w in zip(cfg.layers, self.weights)])
 
     def precompute(self, moments: list[torch.Tensor]) -> None:
         """What the updates need from the second moments C of the edited layers (in ``cfg.layers`` order)."""
@@ -74,7 +77,7 @@ class MEMIT(WeightEditor):
             K, z = self.subject_vectors(located, [(module, "input"), (self.block, "output")])
             R = (z_star - z) / (len(self.modules) - i)  # this layer's share of what is left
             with torch.no_grad():
-                weight.add_(self.layer_update(i, R.T, K.T).to(weight.dtype))
+                weight.add_(self.layer_update(i, R.T.to(weight.device), K.T).to(weight.dtype))
         return mean_stats(per_request, missing)
 
     def target_hidden(self, located: list[Located]) -> tuple[torch.Tensor, list[dict[str, float]]]:

@@ -1,4 +1,4 @@
-"""ROME: rank-one model editing of one MLP output matrix (../spec/baselines.md).
+"""ROME: rank-one model editing of one MLP output matrix (docs/locate_edit.md).
 
 Locate: the key k* is the layer's input at the subject's last token, averaged over context
 templates. Value: a vector δ added to the layer's output at that token is optimised until the
@@ -24,7 +24,7 @@ from wise_bench.data import Request
 from wise_bench.errors import UserError
 from wise_bench.methods.base import WeightEditor
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
-from wise_bench.models import get_module, linear_weight
+from wise_bench.models import get_module, input_device, linear_weight
 from wise_bench.prefix_cache import prefix_cache
 from wise_bench.stats import DEFAULT_STATS_DIR, TRAIN_TEXTS, second_moments
 
@@ -109,6 +109,15 @@ def locate(requests: Sequence[Request], policy: MissingSubject) -> tuple[list[Lo
 # --- context templates and token lookup -------------------------------------------------------------
 
 
+def template_tokens(cfg: LocateConfig, tokenizer) -> int:
+    """Bound on a context template's tokens: start word + generated tokens + ". " (+ slack for
+    decoding and re-encoding the sampled text)."""
+    if cfg.context_templates == 0:
+        return 0
+    start = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in TEMPLATE_STARTS)
+    return start + cfg.context_template_length + 4
+
+
 @torch.no_grad()
 def context_templates(model: nn.Module, tokenizer, n: int, length: int, seed: int) -> list[str]:
     """Prefixes the prompt is read after: "" (the bare prompt) and n short texts sampled from the model.
@@ -117,7 +126,7 @@ def context_templates(model: nn.Module, tokenizer, n: int, length: int, seed: in
     """
     if n == 0:
         return [""]
-    device = next(model.parameters()).device
+    device = input_device(model)
     starts = [TEMPLATE_STARTS[i % len(TEMPLATE_STARTS)] for i in range(n)]
     enc = tokenizer(starts, return_tensors="pt", padding=True).to(device)
     with torch.random.fork_rng():  # sampling must not move the run's global RNG
@@ -153,6 +162,10 @@ class Lookup:
         cols = torch.tensor([width - len(e.ids) + pos for e, pos in seqs], device=device)
         return cls(batch, torch.arange(len(seqs), device=device), cols)
 
+    def positions(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) on ``device``: a hooked layer may sit on another GPU than the input ids."""
+        return self.rows.to(device), self.cols.to(device)
+
 
 def templated(tokenizer, loc: Located, templates: Sequence[str], target: Optional[str] = None) -> list[tuple[Encoded, int]]:
     return [encode_at(tokenizer, prefix + loc.request.prompt, len(prefix) + loc.subject_end, target) for prefix in templates]
@@ -165,7 +178,7 @@ def vectors_at(model: nn.Module, lookup: Lookup, points: Sequence[tuple[nn.Modul
 
     def keep(i: int, h: torch.Tensor) -> None:
         h = h[0] if isinstance(h, tuple) else h  # decoder blocks may return (hidden, ...)
-        found[i] = h[lookup.rows, lookup.cols].float()
+        found[i] = h[lookup.positions(h.device)].float()
 
     handles = [
         m.register_forward_pre_hook(lambda _m, args, i=i: keep(i, args[0])) if kind == "input"
@@ -183,7 +196,7 @@ def vectors_at(model: nn.Module, lookup: Lookup, points: Sequence[tuple[nn.Modul
 def template_average(model, tokenizer, located: Sequence[Located], templates: Sequence[str],
                      points: Sequence[tuple[nn.Module, str]]) -> list[torch.Tensor]:
     """``vectors_at`` each request's subject token, averaged over the context templates: [requests, d]."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     seqs = [s for loc in located for s in templated(tokenizer, loc, templates)]
     chunks = [vectors_at(model, Lookup.build(seqs[i:i + FORWARD_BATCH], tokenizer.pad_token_id, device), points)
               for i in range(0, len(seqs), FORWARD_BATCH)]
@@ -202,17 +215,17 @@ def compute_delta(model: nn.Module, tokenizer, module_path: str, loc: Located, t
     "{subject} is a" (keeps what the subject is) + weight decay; ‖δ‖ is clamped to
     clamp_norm_factor × init_norm after each Adam step.
     """
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
+    device, pad = input_device(model), tokenizer.pad_token_id
     module = get_module(model, module_path)
     rewrite = Lookup.build(templated(tokenizer, loc, templates, loc.request.target_new), pad, device)
     kl = Lookup.build([encode_at(tokenizer, f"{loc.subject} is a", len(loc.subject))], pad, device)
-    delta = torch.zeros(linear_weight(module).shape[0], device=device, requires_grad=True)
+    weight = linear_weight(module)
+    delta = torch.zeros(weight.shape[0], device=weight.device, requires_grad=True)
     active = [rewrite]
 
     def add_delta(_module, _args, out):
-        at = active[0]
-        return out.index_put((at.rows, at.cols), out[at.rows, at.cols] + delta.to(out.dtype))
+        at = active[0].positions(out.device)
+        return out.index_put(at, out[at] + delta.to(out.dtype))
 
     def kl_logprobs() -> torch.Tensor:
         active[0] = kl
@@ -273,6 +286,8 @@ def mean_stats(per_request: list[dict[str, float]], missing: int) -> dict[str, f
 class ROME(WeightEditor):
     Config = ROMEConfig
 
+    prefix_tokens = staticmethod(template_tokens)
+
     @staticmethod
     def module_paths(cfg: ROMEConfig) -> list[str]:
         return [cfg.layer]
@@ -288,6 +303,7 @@ class ROME(WeightEditor):
         if cfg.mom2_adjustment:
             self.mom2 = second_moments(model, ctx.tokenizer, [cfg.layer], cfg.mom2_dataset, ctx.train_texts,
                                        cfg.mom2_n_samples, getattr(torch, DType(cfg.mom2_dtype).value), cfg.stats_dir)[cfg.layer]
+            self.mom2 = self.mom2.to(self.weight.device)
 
     def edit(self, requests: list[Request]) -> dict[str, float]:
         located, missing = locate(requests, self.cfg.on_missing_subject)

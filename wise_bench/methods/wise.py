@@ -1,7 +1,7 @@
 """WISE: a side memory in one FFN output projection, chosen per sequence by an activation router.
 
-Wang et al., NeurIPS 2024 (arXiv 2405.14768). The semantics follow shared/spec/wise.md; where this
-code departs from the reference implementation, docs/wise.md says how and why.
+Wang et al., NeurIPS 2024 (arXiv 2405.14768). docs/wise.md describes the method as the paper and
+its reference implementation define it, and where and why this code departs from the reference.
 
 The edited linear layer is replaced by ``SideMemoryLayer``, which keeps the original module (the
 main memory W, bias included) untouched and adds a ``MemoryBank``: the trainable side memory W',
@@ -429,6 +429,14 @@ class WISE(Method):
     @staticmethod
     def module_paths(cfg: WiseConfig) -> list[str]:
         return [cfg.layer]
+
+    @staticmethod
+    def prefix_tokens(cfg: WiseConfig, tokenizer: Any) -> int:
+        """Bound on a generated prefix: seed word + the longest continuation + the joining space (+ slack)."""
+        if cfg.context_templates == 0:
+            return 0
+        seed = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in cfg.template_seeds)
+        return seed + max(cfg.template_lengths) + 3
 
     def __init__(self, cfg: WiseConfig, model: nn.Module, ctx):
         super().__init__(cfg, model, ctx)
