@@ -21,6 +21,9 @@ every position (the way EasyEdit runs), and evaluation one request at a time, un
 - Evaluation: requests per second of the batched, length-sorted evaluator (LM head at target
   positions) against scoring one request at a time with the naive forward; the per-request values
   must agree (perplexities to 1e-5, relative).
+- Generation (the generation protocol, docs/evaluation.md): requests per second of greedy answers
+  to every prompt of a request (edit, paraphrase, locality, portability), in length-sorted
+  left-padded batches against one prompt at a time, both with the KV cache; the answers must agree.
 - Memory: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU, and what is in use after
   loading the models.
 """
@@ -43,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from wise_bench.config import register_configs
 from wise_bench.data import load_dataset
 from wise_bench.errors import UserError
+from wise_bench.generation import GenerationEvaluator, greedy_answers
 from wise_bench.loop import method_config
 from wise_bench.methods import EditContext
 from wise_bench.metrics import Evaluator, TokenBatch
@@ -158,6 +162,24 @@ def time_evaluation(cfg) -> dict:
             "eval_batch_size": cfg.eval.batch_size, "eval_rows_agree": rows_agree(rows, rows_naive)}
 
 
+def time_generation(cfg) -> dict:
+    model, tok, _, dataset, _ = build(cfg, True, cfg.eval_requests)
+    queries = GenerationEvaluator(tok, dataset.requests, cfg.dataset.metrics, cfg.eval)
+    prompts = [q.ids for q in queries.queries]
+    settings = dict(max_new_tokens=queries.max_new_tokens, stop_strings=queries.stop_strings)
+    t0 = time.perf_counter()
+    alone = [greedy_answers(model, tok, [p], batch_size=1, **settings)[0] for p in prompts]
+    t_alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batched = greedy_answers(model, tok, prompts, batch_size=cfg.eval.batch_size, max_batch_tokens=cfg.eval.max_batch_tokens,
+                             **settings)
+    t_batched = time.perf_counter() - t0
+    n = len(dataset.requests)
+    return {"generation_req_per_s": n / t_batched, "generation_req_per_s_one_at_a_time": n / t_alone,
+            "generation_speedup": t_alone / t_batched, "generation_prompts": len(prompts),
+            "generation_max_new_tokens": queries.max_new_tokens, "generation_answers_agree": batched == alone}
+
+
 def current_memory_mb(device: torch.device) -> float:
     """Memory in use now: the baseline (runtime + the three models) that editing adds to."""
     if device.type == "cuda":
@@ -189,6 +211,7 @@ def bench(cfg) -> dict:
               "device": str(device), "threads": torch.get_num_threads()}
     result.update(time_edits(cfg))
     result.update(time_evaluation(cfg))
+    result.update(time_generation(cfg))
     result["peak_mem_mb"] = peak_memory_mb(device)
     return result
 
@@ -198,14 +221,18 @@ def print_figures(r: dict) -> None:
             ("  without prefix cache", r["edit_s_per_edit_no_prefix_cache"], r["edit_s_per_edit_naive"] / r["edit_s_per_edit_no_prefix_cache"]),
             ("  naive", r["edit_s_per_edit_naive"], 1.0),
             ("eval requests/s: batched", r["eval_req_per_s"], r["eval_speedup"]),
-            ("  one at a time, naive", r["eval_req_per_s_naive"], 1.0)]
-    print(f"{'':<28}{'value':>10}{'vs naive':>10}")
+            ("  one at a time, naive", r["eval_req_per_s_naive"], 1.0),
+            ("generation requests/s: batched", r["generation_req_per_s"], r["generation_speedup"]),
+            ("  one at a time", r["generation_req_per_s_one_at_a_time"], 1.0)]
+    print(f"{'':<32}{'value':>10}{'speedup':>10}")
     for label, value, ratio in rows:
-        print(f"{label:<28}{value:>10.3f}{ratio:>9.2f}x")
+        print(f"{label:<32}{value:>10.3f}{ratio:>9.2f}x")
     print(f"peak memory {r['peak_mem_mb']:.0f} MB ({r['mem_after_loading_mb']:.0f} MB after loading the models)")
     print(f"first edit agrees: {r['edited_params_agree']} (state with/without the prefix cache: max |diff| "
           f"{r['first_edit_cache_state_difference']:.1e}; loss against the naive forward: "
           f"{r['first_edit_naive_loss_difference']:.1e}); eval rows agree: {r['eval_rows_agree']}")
+    print(f"generation: {r['generation_prompts']} prompts, up to {r['generation_max_new_tokens']} new tokens; "
+          f"batched answers equal one at a time: {r['generation_answers_agree']}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
@@ -220,7 +247,7 @@ def main(cfg: DictConfig) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
-    if not (result["edited_params_agree"] and result["eval_rows_agree"]):
+    if not (result["edited_params_agree"] and result["eval_rows_agree"] and result["generation_answers_agree"]):
         sys.exit(1)
 
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO
 
 KEYS = {"method", "model", "edit_s_per_edit", "edit_s_per_edit_naive", "edit_speedup", "eval_req_per_s",
-        "eval_req_per_s_naive", "eval_speedup", "peak_mem_mb"}
+        "eval_req_per_s_naive", "eval_speedup", "peak_mem_mb", "generation_req_per_s",
+        "generation_req_per_s_one_at_a_time", "generation_speedup"}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,10 @@ def check_figures(result: dict, method: str, threads: int) -> None:
     assert result["has_fast_path"] and result["first_edit_cache_state_difference"] == 0.0
     assert result["edited_params_agree"] and result["eval_rows_agree"]
     assert result["edit_speedup"] == pytest.approx(result["edit_s_per_edit_naive"] / result["edit_s_per_edit"])
+    assert result["generation_answers_agree"]
+    assert result["generation_speedup"] == pytest.approx(result["generation_req_per_s"] / result["generation_req_per_s_one_at_a_time"])
+    # The fixture's first 3 ZsRE records: 3 edit prompts, 3 paraphrases, 3 locality prompts, 1 portability question.
+    assert result["generation_prompts"] == 10
 
 
 def test_ft_m_figures_and_its_fast_paths_agree_with_the_naive_ones(bench, data_dir):
@@ -51,7 +56,7 @@ def test_the_script_writes_the_figures_to_its_run_directory(data_dir, tmp_path):
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     check_figures(json.loads((tmp_path / "run" / "bench.json").read_text()), "grace", 1)
-    assert "edit s/edit: fast" in res.stdout
+    assert "edit s/edit: fast" in res.stdout and "generation requests/s: batched" in res.stdout
 
 
 @pytest.mark.parametrize("override, message", [("eval_requests=0", "eval_requests must be >= 1"),

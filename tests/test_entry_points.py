@@ -14,8 +14,8 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard libr
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
 
 
-def test_the_four_apps_have_console_scripts():
-    assert set(SCRIPTS) == {"wise-bench", "wise-bench-report", "wise-bench-calibrate", "wise-bench-download"}
+def test_every_app_has_a_console_script():
+    assert set(SCRIPTS) == {"wise-bench", "wise-bench-report", "wise-bench-calibrate", "wise-bench-download", "wise-bench-evaluate"}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

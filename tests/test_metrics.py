@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from conftest import REPO
 from torch import nn
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from wise_bench.config import DataFormat
 from wise_bench.data import DataError, Request
@@ -163,3 +164,16 @@ def test_target_without_tokens_is_a_data_error_naming_the_raw_field(tiny):
     bad = Request(prompt="Who?", target_new="", loc_prompt="x", loc_answer="y", file="edit.json", index=7)
     with pytest.raises(DataError, match=r"edit.json, record 7, field 'alt': target '' tokenizes to no tokens"):
         Evaluator(tok, [bad], DataFormat.zsre, ["rel", "loc"], batch_size=1)
+
+
+def test_the_lone_space_before_a_whitespace_led_target_counts_only_on_request():
+    tok = AutoTokenizer.from_pretrained(str(REPO / "models/small"))  # byte-level BPE: " M" is one token
+    prompt = "What is the name of the gene?"
+    plain = encode_pair(tok, prompt, " MAT-49")
+    counted = encode_pair(tok, prompt, " MAT-49", count_lone_space=True)
+    assert [tok.decode([plain.ids[i]]) for i in plain.target_pos] == [" M", "AT", "-", "49"]
+    assert [tok.decode([counted.ids[i]]) for i in counted.target_pos] == [" ", " M", "AT", "-", "49"]
+    assert encode_pair(tok, prompt, "MAT-49", count_lone_space=True) == encode_pair(tok, prompt, "MAT-49")
+    req = Request(prompt=prompt, target_new=" MAT-49", loc_prompt="nq question: who", loc_answer="me")
+    assert Evaluator(tok, [req], DataFormat.zsre, ["rel"], 1, count_lone_space=True).scorers["rel"] == "teacher_forced_token_acc+lone_space"
+    assert Evaluator(tok, [req], DataFormat.zsre, ["rel"], 1).scorers["rel"] == "teacher_forced_token_acc"

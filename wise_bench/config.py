@@ -62,6 +62,16 @@ class OnNonFinite(str, enum.Enum):
     skip = "skip"  # bring back the state from before the step and record the skipped requests
 
 
+class Protocol(str, enum.Enum):
+    teacher_forced = "teacher_forced"  # token accuracy of the target given the gold tokens before it
+    generation = "generation"  # greedy answer to the question, scored against the target as text
+
+
+class GenerationContext(str, enum.Enum):
+    question = "question"  # the bare prompt
+    qa = "qa"  # the prompt in eval.qa_template
+
+
 class LoggerKind(str, enum.Enum):
     none = "none"
     wandb = "wandb"
@@ -143,6 +153,22 @@ class LoggerConfig:
 class EvalConfig:
     batch_size: int = 32  # sequences per evaluation forward pass (length-sorted)
     max_batch_tokens: int = 16384  # and at most this many tokens (padding included) per pass
+    # How answers are scored (docs/evaluation.md). teacher_forced gives the top-level keys of results
+    # (comparable with papers) and always runs; generation (greedy answers scored as text) is opt-in.
+    protocols: List[Protocol] = field(default_factory=lambda: [Protocol.teacher_forced])
+    # Generation only: null = the longest target's token count + 8; answers are never cut to the target.
+    max_new_tokens: Optional[int] = None
+    stop_strings: List[str] = field(default_factory=lambda: ["\n"])  # an answer also ends at EOS
+    contexts: List[GenerationContext] = field(default_factory=lambda: [GenerationContext.question])
+    qa_template: str = "Question: {prompt}\nAnswer:"  # context qa; {prompt} is the question
+    # Sequential/batch runs: score each request right after its own edit step (cheap), so that
+    # results hold its retention (final score / score right after the edit).
+    probe_after_edit: bool = True
+    collapse_fraction: float = 0.5  # collapse_at: the first point whose avg is below this × the first point's
+    # Teacher forcing: also count the lone space token before a target that starts with whitespace as
+    # a target token, as the reference toolkit does (exact parity with published numbers; the scorer
+    # name says so; docs/evaluation.md lists the records it changes).
+    count_lone_space: bool = False
 
 
 @dataclass
@@ -160,6 +186,7 @@ class Config:
     eval_every: int = 25
     seed: int = 0
     checkpoint_every: int = 0  # save method state, stream position and RNG every this many edits (0: off)
+    save_edited: bool = False  # store the method's state at the end (edited.pt): python -m wise_bench.evaluate <run_dir>
     resume: Optional[str] = None  # a run directory holding checkpoint.pt: continue that run
     objective: str = "avg"  # the final metric the app returns to a sweeper (e.g. Optuna)
     data_dir: str = "${oc.env:WISE_BENCH_DATA_DIR,${repo_root:}/data}"

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -33,10 +34,11 @@ from transformers import set_seed
 from wise_bench.config import EditModeKind, MetricName, OnNonFinite, OnTooLong
 from wise_bench.data import load_dataset
 from wise_bench.errors import UserError
+from wise_bench.generation import GenerationEvaluator, generation_evaluator
 from wise_bench.limits import TokenLimit, model_max_length
 from wise_bench.loggers import make_logger
 from wise_bench.methods import METHODS, EditContext, Method
-from wise_bench.metrics import SCORERS, Evaluator, aggregate
+from wise_bench.metrics import SCORERS, Evaluator, aggregate, collapse_point, protocol_summary, retention
 from wise_bench.models import check_module_paths, input_device, load_model, load_tokenizer, pick_device
 from wise_bench.results import RunRecorder
 
@@ -49,8 +51,10 @@ SCOPES = {
     EditModeKind.batch: "all_seen",
 }
 CHECKPOINT = "checkpoint.pt"
+EDITED = "edited.pt"  # save_edited=true: the method's state after the last edit
+RETAINED = ("rel", "gen", "portability")  # scores of an edit whose retention is measured
 # Keys that may differ between a run and its resumption.
-RESUME_FREE_KEYS = {"resume", "logger", "checkpoint_every", "eval", "device", "data_dir"}
+RESUME_FREE_KEYS = {"resume", "logger", "checkpoint_every", "save_edited", "eval", "device", "data_dir"}
 
 
 def edit_steps(num_edits: int, step_size: int, eval_every: int, start: int = 0) -> Iterator[tuple[int, int, bool]]:
@@ -81,6 +85,8 @@ def check_numbers(cfg: DictConfig, mode: EditModeKind) -> None:
         raise UserError(f"num_edits={cfg.num_edits} is not a multiple of edit_mode.chunk_size={cfg.edit_mode.chunk_size}")
     if cfg.checkpoint_every and mode not in (EditModeKind.sequential, EditModeKind.batch):
         raise UserError("checkpoint_every / resume apply to the sequential and batch edit modes")
+    if cfg.save_edited and mode not in (EditModeKind.sequential, EditModeKind.batch):
+        raise UserError("save_edited applies to the sequential and batch edit modes (the others restore the model)")
 
 
 @dataclass
@@ -113,7 +119,7 @@ def comparable_config(cfg: DictConfig) -> dict:
 
 
 def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int, timing: Timing, counts: dict,
-                    skipped_requests: list[int]) -> None:
+                    progress: "Progress") -> None:
     state = {
         "n_edits": n_edits,
         "config": comparable_config(cfg),
@@ -122,7 +128,8 @@ def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "timing": {"edit_s": timing.edit_s, "eval_s": timing.eval_s, "elapsed": timing.elapsed()},
         "counts": dict(counts),
-        "skipped_requests": list(skipped_requests),
+        "skipped_requests": list(progress.skipped_requests),
+        "at_edit": dict(progress.at_edit),
     }
     tmp = run_dir / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
@@ -163,52 +170,96 @@ def restore_rng(rng: dict) -> None:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    mode = EditModeKind(cfg.edit_mode.kind)
-    check_numbers(cfg, mode)
-    cls, method_cfg = method_config(cfg)
-    checkpoint = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
+@dataclass
+class Setup:
+    """Everything a run needs besides the model, built and checked before any weights load."""
 
-    # --- checks that need no model weights ---
+    method_cls: type[Method]
+    method_cfg: DictConfig
+    tokenizer: Any
+    dataset: Any
+    evaluator: Evaluator
+    generation: Optional[GenerationEvaluator]
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    """Config, data files, text lengths, targets and module paths, all checked without weights."""
+    cls, method_cfg = method_config(cfg)
     load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits)  # files, records and fields, before any model file is read
     tokenizer = load_tokenizer(cfg.model)
     limit = TokenLimit(tokenizer, model_max_length(cfg.model, len(tokenizer)), cls.prefix_tokens(method_cfg, tokenizer),
                        frozenset(MetricName(m).value for m in cfg.dataset.metrics))
     dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits, limit, OnTooLong(cfg.data.on_too_long) is OnTooLong.skip)
     evaluator = Evaluator(tokenizer, dataset.requests, cfg.dataset.format, cfg.dataset.metrics, cfg.eval.batch_size,
-                          cfg.eval.max_batch_tokens)
+                          cfg.eval.max_batch_tokens, cfg.eval.count_lone_space)
+    generation = generation_evaluator(tokenizer, dataset.requests, cfg.dataset.metrics, cfg.eval)
     check_module_paths(cfg.model, len(tokenizer), cls.module_paths(method_cfg))
+    return Setup(cls, method_cfg, tokenizer, dataset, evaluator, generation)
 
+
+def build(cfg: DictConfig, setup: Setup) -> tuple[nn.Module, Method]:
+    """The unedited model, loaded, and the method around it."""
     set_seed(cfg.seed)
-    model = load_model(cfg.model, len(tokenizer), pick_device(cfg.device))
-    device = input_device(model)
-    method = cls(method_cfg, model, EditContext(tokenizer, dataset.train_texts, device, cfg.seed))
+    model = load_model(cfg.model, len(setup.tokenizer), pick_device(cfg.device))
+    ctx = EditContext(setup.tokenizer, setup.dataset.train_texts, input_device(model), cfg.seed)
+    return model, setup.method_cls(setup.method_cfg, model, ctx)
 
-    # Requests per edit step; in paper_chunks a step never crosses a chunk (batch_size = chunk_size: MEMIT-MASS).
-    step_size = cfg.edit_mode.batch_size if mode in (EditModeKind.batch, EditModeKind.paper_chunks) else 1
+
+def run_protocol(cfg: DictConfig, setup: Setup, step_size: int) -> dict[str, Any]:
+    """The keys stored with every metric value: how it was measured."""
+    mode = EditModeKind(cfg.edit_mode.kind)
+    evaluator, generation = setup.evaluator, setup.generation
     protocol = {
         "scope": SCOPES[mode],
-        "scorer": SCORERS["rel"],
-        "scorers": {m: SCORERS[m] for m in SCORERS if m in evaluator.metrics},
+        "scorer": evaluator.scorers["rel"],
+        "scorers": protocol_scorers({m: evaluator.scorers[m] for m in SCORERS if m in evaluator.metrics}, generation),
         "edit_mode": mode.value,
         "batch_size": step_size,
     }
     if mode is EditModeKind.paper_chunks:
         protocol["chunk_size"] = cfg.edit_mode.chunk_size
+    if generation is not None:
+        protocol["generation_settings"] = generation.settings()
+    return protocol
+
+
+def save_edited(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int) -> None:
+    """The method's state at the end of the run, for ``python -m wise_bench.evaluate`` (no pickled objects)."""
+    state = {"method": method.state_dict(), "n_edits": n_edits, "config": comparable_config(cfg)}
+    tmp = run_dir / (EDITED + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(run_dir / EDITED)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    mode = EditModeKind(cfg.edit_mode.kind)
+    check_numbers(cfg, mode)
+    checkpoint = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
+    setup = prepare(cfg)
+    evaluator, generation, dataset = setup.evaluator, setup.generation, setup.dataset
+    model, method = build(cfg, setup)
+
+    # Requests per edit step; in paper_chunks a step never crosses a chunk (batch_size = chunk_size: MEMIT-MASS).
+    step_size = cfg.edit_mode.batch_size if mode in (EditModeKind.batch, EditModeKind.paper_chunks) else 1
+    protocol = run_protocol(cfg, setup, step_size)
     recorder = RunRecorder(run_dir, protocol)
     tracker = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), *run_names(cfg))
 
     timing = Timing()
     evaluator.record_unedited_locality(model)
-    pre, _ = evaluator.evaluate(model, range(len(dataset.requests)))
+    if generation is not None:
+        generation.record_unedited(model)
+    pre_rows = score_point(evaluator, generation, model, range(len(dataset.requests)))
+    pre = aggregate(pre_rows)
     log.info("pre-edit: %s", _fmt(pre))
+    pre |= protocol_summary(pre_rows)
 
     counts: dict[str, int] = {}
     if dataset.skipped_too_long:
         counts["skipped_too_long"] = len(dataset.skipped_too_long)
     progress = Progress()
-    shared = dict(method=method, model=model, evaluator=evaluator, requests=dataset.requests, cfg=cfg,
+    shared = dict(method=method, model=model, evaluator=evaluator, generation=generation, requests=dataset.requests, cfg=cfg,
                   recorder=recorder, tracker=tracker, timing=timing, counts=counts, progress=progress)
     try:
         if mode in (EditModeKind.single, EditModeKind.paper_chunks):
@@ -221,10 +272,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         log.error("stopped: %s (on_nonfinite=stop); the points computed so far are kept", stop)
 
     rows, final = progress.rows, progress.final
+    rows = [{**row, **{f"{k}_at_edit": v for k, v in progress.at_edit.get(row["index"], {}).items()}} for row in rows]
     recorder.write_samples(rows, progress.last_point)
     tracker.log_samples(rows)
     results = {
         **final,
+        **protocol_summary(rows),
         **protocol,
         "pre": pre,
         "method": cfg.method.name,
@@ -238,6 +291,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "eval_s_total": round(timing.eval_s, 3),
         },
     }
+    if progress.at_edit:
+        results["retention"] = {k: retention(rows, k) for k in RETAINED if any(f"{k}_at_edit" in r for r in rows)}
+    results["collapse_at"] = collapse_point(recorder.points(), cfg.eval.collapse_fraction)
     if counts:
         results["skipped"] = counts
     if progress.skipped_requests:
@@ -249,6 +305,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         results["num_edits_done"] = progress.edits_done
     if checkpoint is not None:
         results["resumed_from"] = {"run_dir": str(cfg.resume), "n_edits": checkpoint["n_edits"]}
+    if cfg.save_edited and not progress.stopped:
+        save_edited(run_dir, cfg, method, progress.edits_done)
     path = recorder.write_results(results)
     tracker.finish({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
     print(summary_table(results, path))
@@ -269,6 +327,8 @@ class Progress:
     edits_done: int = 0
     skipped_requests: list[int] = field(default_factory=list)  # on_nonfinite=skip: steps rolled back
     stopped: Optional[str] = None
+    # eval.probe_after_edit: each request's scores right after its own edit step (for retention).
+    at_edit: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def edit_step(method: Method, step: list, begin: int, policy: OnNonFinite, timing: Timing, counts: dict,
@@ -293,6 +353,11 @@ def edit_step(method: Method, step: list, begin: int, policy: OnNonFinite, timin
     return stats
 
 
+def probed(row: dict) -> dict[str, float]:
+    """The scores kept from the probe right after an edit: those whose loss over time retention measures."""
+    return {k: row[k] for k in RETAINED if k in row}
+
+
 def nonfinite(stats: dict[str, float], method: Method) -> Optional[str]:
     """What is non-finite after a step: a loss the method reports, or a tensor it edited; None if nothing."""
     for key, value in stats.items():
@@ -304,8 +369,8 @@ def nonfinite(stats: dict[str, float], method: Method) -> Optional[str]:
     return None
 
 
-def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, progress, step_size,
-               checkpoint, run_dir) -> None:
+def run_stream(method, model, evaluator, generation, requests, cfg, recorder, tracker, timing, counts, progress,
+               step_size, checkpoint, run_dir) -> None:
     """Sequential / batch editing of one model; evaluation of all edits so far at each point."""
     start = 0
     if checkpoint is not None:
@@ -315,7 +380,8 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
         timing.edit_s, timing.eval_s = checkpoint["timing"]["edit_s"], checkpoint["timing"]["eval_s"]
         timing.elapsed_before = checkpoint["timing"]["elapsed"]
         counts.update(checkpoint["counts"])
-        progress.skipped_requests = list(checkpoint.get("skipped_requests", []))
+        progress.skipped_requests = list(checkpoint["skipped_requests"])
+        progress.at_edit = dict(checkpoint["at_edit"])
         progress.edits_done = start
         recorder.copy_points_from(Path(cfg.resume), upto=start)
         log.info("resumed from %s after %d edits", cfg.resume, start)
@@ -325,19 +391,22 @@ def run_stream(method, model, evaluator, requests, cfg, recorder, tracker, timin
     for begin, stop, evaluate_now in bar:
         stats = edit_step(method, requests[begin:stop], begin, OnNonFinite(cfg.on_nonfinite), timing, counts, progress)
         bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+        if cfg.eval.probe_after_edit:
+            t0 = time.perf_counter()
+            progress.at_edit.update((row["index"], probed(row)) for row in evaluator.score(model, range(begin, stop)))
+            timing.eval_s += time.perf_counter() - t0
         if evaluate_now:
             t0 = time.perf_counter()
-            progress.rows = evaluator.score(model, range(stop))
+            progress.rows = score_point(evaluator, generation, model, range(stop))
             progress.final, progress.last_point = aggregate(progress.rows), stop
-            tracker.log(recorder.log_point(stop, progress.final, timing.elapsed(), timing.edit_s), step=stop)
-            log.info("after %d edits: %s", stop, _fmt(progress.final))
+            record_point(recorder, tracker, timing, progress)
             timing.eval_s += time.perf_counter() - t0
         if cfg.checkpoint_every and stop // cfg.checkpoint_every > begin // cfg.checkpoint_every and stop < cfg.num_edits:
-            save_checkpoint(run_dir, cfg, method, stop, timing, counts, progress.skipped_requests)
+            save_checkpoint(run_dir, cfg, method, stop, timing, counts, progress)
 
 
-def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timing, counts, progress, chunk_size,
-               step_size) -> None:
+def run_chunks(method, model, evaluator, generation, requests, cfg, recorder, tracker, timing, counts, progress,
+               chunk_size, step_size) -> None:
     """Each chunk edited from the unedited model, scored after its last edit, then restored."""
     rows: list[dict] = []
     bar = tqdm(range(len(requests)), desc="editing", unit="edit")
@@ -349,18 +418,44 @@ def run_chunks(method, model, evaluator, requests, cfg, recorder, tracker, timin
             bar.update(len(step))
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         t0 = time.perf_counter()
-        chunk_rows = evaluator.score(model, range(begin, stop))
+        chunk_rows = score_point(evaluator, generation, model, range(begin, stop))
         method.restore()
         rows += chunk_rows
         if chunk_size > 1:
-            recorder.log_chunk(begin // chunk_size, begin, stop, aggregate(chunk_rows))
+            recorder.log_chunk(begin // chunk_size, begin, stop, {**aggregate(chunk_rows), **protocol_summary(chunk_rows)})
         if stop == len(requests) or stop // cfg.eval_every > begin // cfg.eval_every:
             # Chunks are equal-sized, so the mean over requests is the mean over chunks.
             progress.rows, progress.final, progress.last_point = list(rows), aggregate(rows), stop
-            tracker.log(recorder.log_point(stop, progress.final, timing.elapsed(), timing.edit_s), step=stop)
-            log.info("after %d edits: %s", stop, _fmt(progress.final))
+            record_point(recorder, tracker, timing, progress)
         timing.eval_s += time.perf_counter() - t0
     bar.close()
+
+
+def score_point(evaluator: Evaluator, generation: Optional[GenerationEvaluator], model, indices) -> list[dict]:
+    """Per-request scores under every protocol of the run: teacher-forced at the top level, the others
+    nested under "protocols". Generation runs here only (evaluation points), never per edit."""
+    rows = evaluator.score(model, indices)
+    if generation is not None:
+        for row, nested in zip(rows, generation.score(model, indices)):
+            row["protocols"] = nested
+    return rows
+
+
+def record_point(recorder: RunRecorder, tracker, timing: Timing, progress: "Progress") -> None:
+    """Write the evaluation point just scored (every protocol, with intervals) and log it."""
+    summary = protocol_summary(progress.rows)
+    row = recorder.log_point(progress.last_point, {**progress.final, **summary}, timing.elapsed(), timing.edit_s)
+    tracker.log(row, step=progress.last_point)
+    log.info("after %d edits: %s", progress.last_point, _fmt(progress.final))
+    for name, scores in summary["protocols"].items():
+        if name != "teacher_forced":
+            log.info("  %s: %s", name, _fmt({k: v for k, v in scores.items() if k != "ci95"}))
+
+
+def protocol_scorers(teacher_forced: dict[str, str], generation: Optional[GenerationEvaluator]) -> dict[str, Any]:
+    """The scorer of every value: the teacher-forced ones at the top level (as before protocols
+    existed) and again under "teacher_forced", each generation context's under its own key."""
+    return {**teacher_forced, "teacher_forced": dict(teacher_forced), **(generation.scorers() if generation else {})}
 
 
 def tally(counts: dict[str, int], stats: dict[str, float]) -> None:
@@ -382,9 +477,19 @@ def summary_table(results: dict[str, Any], path: Path) -> str:
         f"wise-bench: {results['method']} on {results['model']} / {results['dataset']}, "
         f"{results['edit_mode']} (batch {results['batch_size']}), T={results['num_edits']}, seed {results['seed']}",
         f"scorer {results['scorer']}, scope {results['scope']}",
-        f"{'metric':<12}{'pre-edit':>10}{'final':>10}",
+        f"{'metric':<18}{'pre-edit':>10}{'final':>10}{'+-95%':>8}",
     ]
-    lines += [f"{k:<12}{results['pre'].get(k, float('nan')):>10.3f}{results[k]:>10.3f}" for k in keys]
+
+    def line(label: str, pre: Optional[float], final: float, half_width: Optional[float]) -> str:
+        nan = float("nan")
+        return f"{label:<18}{nan if pre is None else pre:>10.3f}{final:>10.3f}{nan if half_width is None else half_width:>8.3f}"
+
+    lines += [line(k, results["pre"].get(k), results[k], results.get("ci95", {}).get(k)) for k in keys]
+    for name, scores in results.get("protocols", {}).items():
+        if name != "teacher_forced":  # the rows above
+            pre = results["pre"].get("protocols", {}).get(name, {})
+            lines.append(name)
+            lines += [line(f"  {k}", pre.get(k), v, scores["ci95"].get(k)) for k, v in scores.items() if k != "ci95"]
     lines.append(f"edit {t['edit_s_total']:.1f}s ({t['edit_s_per_edit']:.3f}s/edit), eval {t['eval_s_total']:.1f}s")
     lines.append(f"results: {path}")
     return "\n".join(lines)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -39,12 +40,14 @@ class Encoded:
     target_pos: tuple[int, ...]
 
 
-def encode_pair(tokenizer, prompt: str, target: str) -> Encoded:
+def encode_pair(tokenizer, prompt: str, target: str, count_lone_space: bool = False) -> Encoded:
     """Tokenise the joined text once; target tokens are those holding a character of the target.
 
     Tokenising the joined text (not prompt and target apart) keeps the merges the model sees at the
     boundary; character offsets then say where the target starts, for any fast tokenizer. A token
     that is only the separating space (byte-level tokenizers without merges) is not a target token.
+    ``count_lone_space``: where the target itself starts with whitespace, the joined text holds a lone
+    space token before it, which the reference toolkit counts as the target's first token; so does this.
     """
     enc = tokenizer(f"{prompt} {target}", return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -53,6 +56,9 @@ def encode_pair(tokenizer, prompt: str, target: str) -> Encoded:
     target_pos = tuple(
         i for i, ((_, end), sp) in enumerate(zip(enc["offset_mapping"], special)) if i > 0 and not sp and end > cut
     )
+    first = target_pos[0] if target_pos else None
+    if count_lone_space and first and target[:1].isspace() and enc["offset_mapping"][first - 1][0] >= len(prompt):
+        target_pos = (first - 1, *target_pos)  # the token before is whitespace only, past the prompt
     return Encoded(tuple(ids), target_pos)
 
 
@@ -205,6 +211,99 @@ def aggregate(rows: Iterable[dict]) -> dict[str, float]:
     return out
 
 
+def retention(rows: Iterable[dict], metric: str) -> float | None:
+    """Mean over requests of the final score ÷ the score right after the request's own edit
+    (``<metric>_at_edit``); requests that scored 0 right after their edit have no ratio and are left
+    out. None when no request has one."""
+    ratios = [r[metric] / r[f"{metric}_at_edit"] for r in rows
+              if r.get(metric) is not None and r.get(f"{metric}_at_edit")]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def collapse_point(points: Sequence[dict], fraction: float) -> int | None:
+    """n_edits of the first evaluation point whose avg is below ``fraction`` × the first point's avg."""
+    if not points:
+        return None
+    floor = fraction * points[0]["avg"]
+    return next((p["n_edits"] for p in points if p["avg"] < floor), None)
+
+
+# --- uncertainty, and every protocol's summary of one evaluation ------------------------------------
+
+CI_RESAMPLES = 1000
+CI_SEED = 0
+TEACHER_FORCED_KEYS = ("rel", "gen", "loc", "portability", "ood", "ppl")
+AVG_OF = ("rel", "gen", "loc")
+
+
+def percentile_half_width(estimates: np.ndarray) -> float:
+    """Half the width of the central 95% of bootstrap estimates (resamples without a value ignored)."""
+    low, high = np.nanpercentile(estimates, [2.5, 97.5])
+    return float((high - low) / 2)
+
+
+def bootstrap_ci95(rows: Sequence[dict], keys: Iterable[str], n_resamples: int = CI_RESAMPLES,
+                   seed: int = CI_SEED) -> dict[str, float]:
+    """Half-width of the 95% percentile-bootstrap interval of each key's mean over requests, and of
+    avg (the mean of the rel, gen and loc means) when one of those is present.
+
+    Requests are drawn with replacement, the same draws for every key (so avg comes from the same
+    resamples); in each resample a key's mean is over the drawn requests that have it, as in
+    ``aggregate`` (perplexity clipped the same way). A fixed seed: the same rows, the same intervals.
+    """
+    if not rows:
+        return {}
+    draws = np.random.default_rng(seed).integers(0, len(rows), size=(n_resamples, len(rows)))
+    estimates: dict[str, np.ndarray] = {}
+    for key in keys:
+        values = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+        if np.isnan(values).all():
+            continue
+        if key == "ppl":
+            values = np.minimum(values, PPL_CLIP)
+        drawn = values[draws]
+        present = ~np.isnan(drawn)
+        counts = present.sum(1)
+        totals = np.where(present, drawn, 0.0).sum(1)
+        estimates[key] = np.divide(totals, counts, out=np.full(n_resamples, np.nan), where=counts > 0)
+    core = [estimates[k] for k in AVG_OF if k in estimates]
+    if core:
+        estimates["avg"] = np.mean(core, axis=0)
+    return {k: percentile_half_width(v) for k, v in estimates.items()}
+
+
+def mean_scores(rows: Sequence[dict], keys: Iterable[str]) -> dict[str, float]:
+    """Each key's mean over the rows that have it, then avg of the rel, gen and loc means."""
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[key] = sum(values) / len(values)
+    core = [out[k] for k in AVG_OF if k in out]
+    if core:
+        out["avg"] = sum(core) / len(core)
+    return out
+
+
+def protocol_summary(rows: Sequence[dict]) -> dict[str, Any]:
+    """``{"ci95": ..., "protocols": ...}`` of one evaluation's per-request rows.
+
+    The teacher-forced scores are the rows' top-level keys; other protocols' scores are nested under
+    each row's ``protocols`` (e.g. ``{"generation": {"rel": 1.0, "rel_f1": 1.0, ...}}``). Each
+    protocol gets its means and their bootstrap half-widths; ``ci95`` is the teacher-forced one's.
+    """
+    rows = list(rows)
+    if not rows:
+        return {}
+    teacher_forced_ci = bootstrap_ci95(rows, TEACHER_FORCED_KEYS)
+    protocols: dict[str, Any] = {"teacher_forced": {**aggregate(rows), "ci95": teacher_forced_ci}}
+    for name in dict.fromkeys(p for r in rows for p in r.get("protocols", {})):
+        nested = [r["protocols"][name] for r in rows if name in r.get("protocols", {})]
+        keys = list(dict.fromkeys(k for r in nested for k, v in r.items() if isinstance(v, (int, float))))
+        protocols[name] = {**mean_scores(nested, keys), "ci95": bootstrap_ci95(nested, keys)}
+    return {"ci95": teacher_forced_ci, "protocols": protocols}
+
+
 # --- the evaluator used by the edit loop -----------------------------------------------------------
 
 
@@ -216,11 +315,15 @@ class Evaluator:
     """
 
     def __init__(self, tokenizer, requests: Sequence[Request], fmt: DataFormat, metrics: Iterable, batch_size: int,
-                 max_batch_tokens: int | None = None):
+                 max_batch_tokens: int | None = None, count_lone_space: bool = False):
         self.metrics = {MetricName(m).value for m in metrics}
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.count_lone_space = count_lone_space
+        # Scorer names record the target-token rule when it is not the default.
+        suffix = "+lone_space" if count_lone_space else ""
+        self.scorers = {m: SCORERS[m] + (suffix if SCORERS[m].startswith("teacher_forced") else "") for m in SCORERS}
         # Per request: (metric key, Encoded) for every text it is scored on.
         self.items: list[list[tuple[str, Encoded]]] = []
         for req in requests:
@@ -235,7 +338,7 @@ class Evaluator:
                 texts += [("portability", q, a, "portability") for q, a in req.portability]
             encoded = []
             for key, prompt, target, attr in texts:
-                enc = encode_pair(tokenizer, prompt, target)
+                enc = encode_pair(tokenizer, prompt, target, count_lone_space)
                 if not enc.target_pos:
                     raise field_error(fmt, req, attr, f"target {target!r} tokenizes to no tokens after the prompt")
                 encoded.append((key, enc))

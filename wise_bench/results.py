@@ -36,6 +36,11 @@ class RunRecorder:
         row = {"chunk": chunk, "start": start, "stop": stop, "n_edits": stop - start, **metrics, **self.protocol}
         _append_jsonl(self.run_dir / "chunks.jsonl", [row])
 
+    def points(self) -> list[dict[str, Any]]:
+        """The evaluation points written so far (after a resume, the earlier run's included)."""
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
     def copy_points_from(self, other_run: Path, upto: int) -> None:
         """On resume: keep the evaluation points of ``other_run`` up to its checkpoint, drop later ones."""
         source = Path(other_run) / "metrics.jsonl"
