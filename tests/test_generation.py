@@ -204,7 +204,7 @@ def test_scores_per_context_with_the_qa_template(tiny):
     assert python["loc"] == 1.0  # the unedited model agrees with itself
     assert python["rel"] == exact_match(python["answers"]["rel"], "Guido van Rossum")
     assert python["portability_f1"] == token_f1(python["answers"]["portability"][0], "Python")
-    assert ev.scorers()["generation/qa"]["loc"] == "generation_agreement_with_unedited"
+    assert ev.scorers()["generation/qa"]["loc"] == "generation_agreement_with_unedited/qa"
 
 
 def test_evaluator_rows_do_not_depend_on_the_batch_size(tiny):
@@ -286,7 +286,7 @@ def test_a_run_records_both_protocols_in_results_points_and_samples(compose, dat
     generation = on_disk["protocols"]["generation"]
     assert {"rel", "rel_f1", "gen", "gen_f1", "loc", "portability", "portability_f1", "avg", "ci95"} == set(generation)
     assert set(generation["ci95"]) == set(generation) - {"ci95"}
-    assert on_disk["scorers"]["generation/question"]["rel_f1"] == "generation_token_f1"
+    assert on_disk["scorers"]["generation"]["rel_f1"] == "generation_token_f1/question"
     assert on_disk["scorers"]["teacher_forced"]["rel"] == on_disk["scorers"]["rel"] == "teacher_forced_token_acc"
     settings = on_disk["generation_settings"]
     assert settings["contexts"] == {"generation": "{prompt}", "generation/qa": "Question: {prompt}\nAnswer:"}

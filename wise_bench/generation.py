@@ -198,7 +198,8 @@ class GenerationEvaluator:
             self.by_request.setdefault(q.request, []).append(n)
         if eval_cfg.max_new_tokens is None:
             targets = {q.target for q in self.queries if q.key != "loc"}  # every target an answer is scored against
-            self.max_new_tokens = max(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets) + MAX_NEW_TOKENS_MARGIN
+            longest = max(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets)
+            self.max_new_tokens = longest + MAX_NEW_TOKENS_MARGIN
         elif eval_cfg.max_new_tokens < 1:
             raise UserError(f"eval.max_new_tokens must be >= 1 (or null: the longest target + {MAX_NEW_TOKENS_MARGIN}), "
                             f"got {eval_cfg.max_new_tokens}")
@@ -229,7 +230,8 @@ class GenerationEvaluator:
         names = {m: SCORER_NAMES[m] for k in keys for m in (k, f"{k}_f1")}
         if "loc" in self.metrics:
             names["loc"] = SCORER_NAMES["loc"]
-        return {f"generation/{c.value}": dict(names) for c in self.contexts}
+        # Keyed like results["protocols"]; each name says its context too ("generation_token_f1/qa").
+        return {protocol_id(c): {m: f"{name}/{c.value}" for m, name in names.items()} for c in self.contexts}
 
     def _answers(self, model: nn.Module, queries: list[int]) -> list[str]:
         return greedy_answers(model, self.tokenizer, [self.queries[n].ids for n in queries], self.max_new_tokens,
