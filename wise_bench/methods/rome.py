@@ -128,7 +128,7 @@ def context_templates(model: nn.Module, tokenizer, n: int, length: int, seed: in
         return [""]
     device = input_device(model)
     starts = [TEMPLATE_STARTS[i % len(TEMPLATE_STARTS)] for i in range(n)]
-    enc = tokenizer(starts, return_tensors="pt", padding=True).to(device)
+    enc = tokenizer(starts, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
     with torch.random.fork_rng():  # sampling must not move the run's global RNG
         torch.manual_seed(seed)
         out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,

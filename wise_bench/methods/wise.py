@@ -357,7 +357,7 @@ class SideMemoryLayer(nn.Module):
 def generate_prefixes(model: nn.Module, tok: Any, cfg: WiseConfig, device: torch.device) -> list[str]:
     """Greedy continuations of the seed words, one round per length, the first ``context_templates``."""
     texts: list[str] = []
-    enc = tok(list(cfg.template_seeds), return_tensors="pt", padding=True).to(device)
+    enc = tok(list(cfg.template_seeds), return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
     for length in cfg.template_lengths:
         if len(texts) >= cfg.context_templates:
             break
