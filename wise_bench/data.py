@@ -5,7 +5,6 @@ record index and the field, so that a broken file is reported before any model l
 """
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,19 +168,23 @@ def field_error(fmt: DataFormat, req: Request, attr: str, message: str) -> DataE
     return DataError(req.file, message, req.index, FIELDS[DataFormat(fmt)].get(attr, attr))
 
 
-def iter_requests(path: Path, fmt: DataFormat) -> Iterator[Request]:
-    """Records of a benchmark file, each validated as it is reached."""
+def _requests(path: Path, records: list, fmt: DataFormat) -> Iterator[Request]:
+    """The raw records of a benchmark file as requests, each validated as it is reached."""
     fmt = DataFormat(fmt)
-    for i, raw in enumerate(_read_records(path)):
+    for i, raw in enumerate(records):
         yield _parse(_Record(path, i, raw), fmt)
+
+
+def _enough(path: Path, records: list, wanted: int | None) -> None:
+    if wanted is not None and wanted > len(records):
+        raise DataError(path, f"has {len(records)} records but num_edits={wanted} were asked for")
 
 
 def read_requests(path: Path, fmt: DataFormat, limit: int | None = None) -> list[Request]:
     """Parse and validate the first ``limit`` records (all when None) of a benchmark file."""
-    n_records = len(_read_records(path))
-    if limit is not None and limit > n_records:
-        raise DataError(path, f"has {n_records} records but num_edits={limit} were asked for")
-    return list(itertools.islice(iter_requests(path, fmt), limit))
+    records = _read_records(path)
+    _enough(path, records, limit)
+    return list(_requests(path, records[:limit], fmt))
 
 
 def load_dataset(cfg, data_dir: str | Path, num_edits: int, limit: "TokenLimit | None" = None,
@@ -196,13 +199,11 @@ def load_dataset(cfg, data_dir: str | Path, num_edits: int, limit: "TokenLimit |
     if cfg.max_records is not None and num_edits > cfg.max_records:
         raise UserError(f"dataset={cfg.name} holds the first {cfg.max_records} records of {cfg.edit_file}, "
                         f"but num_edits={num_edits} were asked for")
-    n_records = len(_read_records(path))
-    if num_edits > n_records:
-        raise DataError(path, f"has {n_records} records but num_edits={num_edits} were asked for")
-    records = itertools.islice(iter_requests(path, cfg.format), cfg.max_records)
+    records = _read_records(path)
+    _enough(path, records, num_edits)
     requests: list[Request] = []
     skipped: list[str] = []
-    for req in records:
+    for req in _requests(path, records[:cfg.max_records], cfg.format):
         if len(requests) == num_edits:
             break
         over = limit.request(req) if limit is not None else None

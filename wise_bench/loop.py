@@ -131,9 +131,14 @@ def save_checkpoint(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int
         "skipped_requests": list(progress.skipped_requests),
         "at_edit": dict(progress.at_edit),
     }
-    tmp = run_dir / (CHECKPOINT + ".tmp")
+    save_atomically(state, run_dir / CHECKPOINT)
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save through a temporary file: a kill never leaves a half-written file at ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    tmp.replace(run_dir / CHECKPOINT)  # atomic: a kill never leaves a half-written checkpoint
+    tmp.replace(path)
 
 
 def load_checkpoint(resume_dir: str, cfg: DictConfig) -> dict:
@@ -225,10 +230,7 @@ def run_protocol(cfg: DictConfig, setup: Setup, step_size: int) -> dict[str, Any
 
 def save_edited(run_dir: Path, cfg: DictConfig, method: Method, n_edits: int) -> None:
     """The method's state at the end of the run, for ``python -m wise_bench.evaluate`` (no pickled objects)."""
-    state = {"method": method.state_dict(), "n_edits": n_edits, "config": comparable_config(cfg)}
-    tmp = run_dir / (EDITED + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(run_dir / EDITED)
+    save_atomically({"method": method.state_dict(), "n_edits": n_edits, "config": comparable_config(cfg)}, run_dir / EDITED)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
