@@ -24,6 +24,9 @@ every position (the way EasyEdit runs), and evaluation one request at a time, un
 - Generation (the generation protocol, docs/evaluation.md): requests per second of greedy answers
   to every prompt of a request (edit, paraphrase, locality, portability), in length-sorted
   left-padded batches against one prompt at a time, both with the KV cache; the answers must agree.
+- Methods compared (``compare=[wise,memoir,ultraedit]``): seconds per edit of each method, with its
+  fast paths, on the same requests (``compare_batch.<method>``, default 1, requests per edit step:
+  UltraEdit's turn is 100), and each one's edits per second against the first's.
 - Memory: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU, and what is in use after
   loading the models.
 """
@@ -41,6 +44,7 @@ from unittest import mock
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from wise_bench.config import register_configs
@@ -180,6 +184,28 @@ def time_generation(cfg) -> dict:
             "generation_max_new_tokens": queries.max_new_tokens, "generation_answers_agree": batched == alone}
 
 
+def compared_config(name: str) -> DictConfig:
+    """This run's config (its command-line overrides kept) with ``method=<name>`` instead of its method."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("method")]
+    return hydra.compose(config_name="bench", overrides=[*overrides, f"method={name}"])
+
+
+def time_methods(cfg) -> dict:
+    per_edit = {}
+    for name in cfg.compare:
+        model, _, method, dataset, _ = build(compared_config(name), True, cfg.num_edits)
+        step = cfg.compare_batch.get(name, 1)
+        requests = dataset.requests
+        t0 = time.perf_counter()
+        for begin in range(0, len(requests), step):
+            method.edit(requests[begin:begin + step])
+        per_edit[name] = (time.perf_counter() - t0) / len(requests), step
+        del model, method
+    first = per_edit[cfg.compare[0]][0]
+    return {"compare": {name: {"s_per_edit": s, "requests_per_step": step, "edits_per_s_vs_first": first / s}
+                        for name, (s, step) in per_edit.items()}}
+
+
 def current_memory_mb(device: torch.device) -> float:
     """Memory in use now: the baseline (runtime + the three models) that editing adds to."""
     if device.type == "cuda":
@@ -212,6 +238,8 @@ def bench(cfg) -> dict:
     result.update(time_edits(cfg))
     result.update(time_evaluation(cfg))
     result.update(time_generation(cfg))
+    if cfg.compare:
+        result.update(time_methods(cfg))
     result["peak_mem_mb"] = peak_memory_mb(device)
     return result
 
@@ -231,6 +259,9 @@ def print_figures(r: dict) -> None:
     print(f"first edit agrees: {r['edited_params_agree']} (state with/without the prefix cache: max |diff| "
           f"{r['first_edit_cache_state_difference']:.1e}; loss against the naive forward: "
           f"{r['first_edit_naive_loss_difference']:.1e}); eval rows agree: {r['eval_rows_agree']}")
+    for name, c in r.get("compare", {}).items():
+        print(f"{name:<20}{c['s_per_edit']:>10.4f} s/edit ({c['requests_per_step']} per step)"
+              f"{c['edits_per_s_vs_first']:>9.2f}x the edits/s of {next(iter(r['compare']))}")
     print(f"generation: {r['generation_prompts']} prompts, up to {r['generation_max_new_tokens']} new tokens; "
           f"batched answers equal one at a time: {r['generation_answers_agree']}")
 

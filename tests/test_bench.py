@@ -53,9 +53,15 @@ def test_the_script_writes_the_figures_to_its_run_directory(data_dir, tmp_path):
     # As the docs run it, from outside the repository; out= unset: <run dir>/bench.json.
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "model=tiny_random", "method=grace",
                           "method.n_iter=3", "num_edits=2", "eval_requests=3", "threads=1", f"data_dir={data_dir}",
+                          "compare=[grace,ft_m]", "+compare_batch.ft_m=2",
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    check_figures(json.loads((tmp_path / "run" / "bench.json").read_text()), "grace", 1)
+    result = json.loads((tmp_path / "run" / "bench.json").read_text())
+    check_figures(result, "grace", 1)
+    grace, ft_m = result["compare"]["grace"], result["compare"]["ft_m"]
+    assert (grace["requests_per_step"], ft_m["requests_per_step"]) == (1, 2)
+    assert grace["edits_per_s_vs_first"] == 1.0
+    assert ft_m["edits_per_s_vs_first"] == pytest.approx(grace["s_per_edit"] / ft_m["s_per_edit"])
     assert "edit s/edit: fast" in res.stdout and "generation requests/s: batched" in res.stdout
 
 

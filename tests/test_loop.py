@@ -154,6 +154,8 @@ SMALL = {
     "wise": ["method.n_iter=2", "method.context_templates=1", "method.template_lengths=[3]"],
     "wise_retrieve": ["method.n_iter=2", "method.context_templates=1", "method.template_lengths=[3]"],
     "rome": LOCATE, "memit": LOCATE, "alphaedit": LOCATE,
+    "memoir": ["method.n_iter=2", "method.context_templates=1", "method.template_lengths=[3]"],
+    "ultraedit": ["method.lr=1e-2"],
 }
 
 

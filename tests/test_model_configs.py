@@ -19,8 +19,9 @@ from wise_bench.models import get_module, linear_weight
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "conf" / "model"
 
-FAMILIES = ("ft", "wise", "grace", "defer", "rome", "memit", "alphaedit")
-LIST_FAMILIES = ("memit", "alphaedit")
+FAMILIES = ("ft", "wise", "grace", "defer", "rome", "memit", "alphaedit", "memoir", "ultraedit")
+LIST_FAMILIES = ("memit", "alphaedit")  # consecutive layers
+LAYER_LISTS = (*LIST_FAMILIES, "ultraedit")  # UltraEdit: e.g. gate_proj 11-15 + up_proj 18-24 on LLaMA-3
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int) -> GPT2Config:
@@ -114,7 +115,7 @@ def test_schema_and_metadata(stem):
     assert set(FAMILIES) <= set(cfg.edit_layers), f"missing families: {set(FAMILIES) - set(cfg.edit_layers)}"
     for fam in FAMILIES:
         value = cfg.edit_layers[fam]
-        if fam in LIST_FAMILIES:
+        if fam in LAYER_LISTS:
             assert OmegaConf.is_list(value) and len(value) >= 2, f"{fam} must be a list of layers"
         else:
             assert isinstance(value, str), f"{fam} must be one module path"
@@ -138,7 +139,7 @@ def test_layer_positions(stem):
     cfg = load(stem)
     n = ARCHS[stem][1]
     el = cfg.edit_layers
-    for fam in ("wise", "grace"):
+    for fam in ("wise", "grace", "memoir"):
         i = layer_index(el[fam])
         assert n / 2 <= i < n, f"{stem}.{fam} layer {i} should be in the upper half of {n}"
     i = layer_index(el["rome"])

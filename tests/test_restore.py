@@ -26,6 +26,8 @@ SMALL = {
     "ft_ewc": ["method.steps=2", "method.lr=3e-2"], "grace": ["method.n_iter=2"],
     "defer": ["method.steps=2", "method.lr=3e-2"], "wise": WISE, "wise_retrieve": WISE,
     "rome": LOCATE, "memit": LOCATE, "alphaedit": LOCATE,
+    "memoir": ["method.n_iter=3", "method.context_templates=1", "method.template_lengths=[3]", "method.edit_lr=3.0"],
+    "ultraedit": ["method.lr=1e-2"],  # the default 1e-6 assumes widths in the thousands
 }
 
 

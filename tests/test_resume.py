@@ -27,7 +27,7 @@ FAST = {
 }
 # Methods that draw random numbers (from generators seeded by the run's seed); the others must not
 # depend on the seed at all.
-RANDOMISED = {"grace", "wise", "wise_retrieve", "defer", "rome", "memit", "alphaedit"}
+RANDOMISED = {"grace", "wise", "wise_retrieve", "defer", "rome", "memit", "alphaedit", "memoir"}
 
 
 class Killed(Exception):

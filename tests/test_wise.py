@@ -13,17 +13,14 @@ from wise_bench.errors import UserError
 from wise_bench.loop import method_config, run
 from wise_bench.merge import merge
 from wise_bench.methods import METHODS, EditContext
+from wise_bench.methods.side_memory import build_edit_batch, edit_nll, run_model, should_stop
 from wise_bench.methods.wise import (
     WiseConfig,
-    build_edit_batch,
-    edit_nll,
     positive_mean,
     route_merge,
     route_retrieve,
     routing_losses,
-    run_model,
     sequence_scores,
-    should_stop,
 )
 from wise_bench.metrics import Encoded, Evaluator, TokenBatch
 from wise_bench.models import get_module

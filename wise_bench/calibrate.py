@@ -59,7 +59,7 @@ def calibrate(cfg: DictConfig) -> dict:
                         f"(calibrated methods: {', '.join(able)}); tune it with a sweep instead")
     dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.num_edits)
     tokenizer = load_tokenizer(cfg.model)
-    check_module_paths(cfg.model, len(tokenizer), cls.module_paths(method_cfg))
+    cls.check_modules(method_cfg, check_module_paths(cfg.model, len(tokenizer), cls.module_paths(method_cfg)))
     model = load_model(cfg.model, len(tokenizer), pick_device(cfg.device))
     ctx = EditContext(tokenizer, dataset.train_texts, input_device(model), cfg.seed)
     result = cls.calibrate(method_cfg, model, ctx, dataset.requests)

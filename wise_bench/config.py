@@ -207,6 +207,12 @@ class BenchConfig(Config):
     out: str = "${hydra:runtime.output_dir}/bench.json"  # the figures as JSON
     eval_requests: int = 500  # requests scored in the evaluation timing (the first N of the dataset)
     threads: Optional[int] = None  # torch.set_num_threads; null: torch's default ($OMP_NUM_THREADS)
+    # Per-edit cost of these methods on the same num_edits requests, each with its fast paths, and
+    # their edits per second against the first one's (e.g. [wise, memoir, ultraedit]); [] skips it.
+    compare: List[str] = field(default_factory=list)
+    # Requests per edit step of a compared method (default 1; UltraEdit's turn is 100). Another method:
+    # +compare_batch.<name>=<n>.
+    compare_batch: Dict[str, int] = field(default_factory=lambda: {"ultraedit": 100})
 
 
 def register_configs() -> None:

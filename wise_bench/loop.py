@@ -198,7 +198,7 @@ def prepare(cfg: DictConfig) -> Setup:
     evaluator = Evaluator(tokenizer, dataset.requests, cfg.dataset.format, cfg.dataset.metrics, cfg.eval.batch_size,
                           cfg.eval.max_batch_tokens, cfg.eval.count_lone_space)
     generation = generation_evaluator(tokenizer, dataset.requests, cfg.dataset.metrics, cfg.eval)
-    check_module_paths(cfg.model, len(tokenizer), cls.module_paths(method_cfg))
+    cls.check_modules(method_cfg, check_module_paths(cfg.model, len(tokenizer), cls.module_paths(method_cfg)))
     return Setup(cls, method_cfg, tokenizer, dataset, evaluator, generation)
 
 

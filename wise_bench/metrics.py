@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +70,11 @@ class TokenScores:
     nll: list[float]  # -log p(gold) at each target position
 
 
+# The prompt positions ([batch, length] bool) of the TokenBatch being run. A model call does not carry
+# them, and a layer that routes by the prompt alone (MEMOIR) needs them; None outside such a call.
+PROMPT_MASK: ContextVar[Optional[torch.Tensor]] = ContextVar("prompt_mask", default=None)
+
+
 @dataclass
 class TokenBatch:
     """A left-padded batch; position ids count real tokens only, so padding never shifts positions."""
@@ -124,9 +130,21 @@ class TokenBatch:
         finally:
             handle.remove()
 
+    def prompt_mask(self) -> torch.Tensor:
+        """True at each row's prompt tokens: its real positions before its first target token (all of
+        them in a row without targets)."""
+        width = self.target_mask.shape[1]
+        first = torch.where(self.target_mask.any(-1), self.target_mask.int().argmax(-1), width)
+        columns = torch.arange(width, device=first.device)
+        return self.attention_mask.bool() & (columns[None] < first[:, None])
+
     def _forward(self, model: nn.Module, **kwargs):
-        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
-                     use_cache=False, **kwargs)
+        token = PROMPT_MASK.set(self.prompt_mask())
+        try:
+            return model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                         use_cache=False, **kwargs)
+        finally:
+            PROMPT_MASK.reset(token)
 
     def target_logprobs(self, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logp [N, vocab], gold [N], row [N]) over the N target tokens, from ``target_logits``."""

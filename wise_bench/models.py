@@ -103,14 +103,14 @@ def model_config(cfg: ModelConfig, vocab_size: int):
         raise UserError(f"model '{cfg.name}': cannot load its config from '{source}': {e}") from None
 
 
-def check_module_paths(cfg: ModelConfig, vocab_size: int, paths: list[str]) -> None:
-    """Resolve every path on a weightless (meta-device) copy of the model, before loading weights."""
+def check_module_paths(cfg: ModelConfig, vocab_size: int, paths: list[str]) -> dict[str, nn.Module]:
+    """Resolve every path on a weightless (meta-device) copy of the model, before loading weights;
+    the modules found, by path."""
     if not paths:
-        return
+        return {}
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config(cfg, vocab_size))
-    for path in paths:
-        get_module(skeleton, path)
+    return {path: get_module(skeleton, path) for path in paths}
 
 
 def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> nn.Module:

@@ -9,7 +9,9 @@ from wise_bench.methods.ft import FT
 from wise_bench.methods.ft_ewc import FTEWC
 from wise_bench.methods.grace import GRACE
 from wise_bench.methods.memit import MEMIT
+from wise_bench.methods.memoir import MEMOIR
 from wise_bench.methods.rome import ROME
+from wise_bench.methods.ultraedit import UltraEdit
 from wise_bench.methods.wise import WISE
 
 METHODS: dict[str, type[Method]] = {
@@ -23,6 +25,8 @@ METHODS: dict[str, type[Method]] = {
     "rome": ROME,
     "memit": MEMIT,
     "alphaedit": AlphaEdit,
+    "memoir": MEMOIR,
+    "ultraedit": UltraEdit,
 }
 
 __all__ = ["METHODS", "EditContext", "Method"]

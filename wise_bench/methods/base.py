@@ -47,6 +47,11 @@ class Method:
         return []
 
     @staticmethod
+    def check_modules(cfg: Any, modules: dict[str, nn.Module]) -> None:
+        """Checks of the config against the modules it edits (weightless copies, before the model loads);
+        raise UserError on a mismatch."""
+
+    @staticmethod
     def prefix_tokens(cfg: Any, tokenizer: Any) -> int:
         """An upper bound on the tokens the method puts before a prompt (context templates), so
         that lengths are checked before the model loads."""

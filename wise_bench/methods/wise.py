@@ -16,28 +16,34 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 from transformers.activations import ACT2FN
 
 from wise_bench.data import Request
 from wise_bench.errors import UserError
 from wise_bench.merge import MergeAlg, merge
-from wise_bench.methods.base import Calibration, Method
+from wise_bench.methods.base import Calibration
+from wise_bench.methods.side_memory import (
+    EditBatch,
+    SideMemoryEditor,
+    TemplatedEditConfig,
+    build_edit_batch,
+    edit_nll,
+    real_positions,
+    run_model,
+    seeded,
+    should_stop,
+)
 from wise_bench.metrics import Encoded, TokenBatch, encode_pair
-from wise_bench.models import get_module, linear_weight, set_module
+from wise_bench.models import linear_weight
 from wise_bench.prefix_cache import prefix_cache
 
 
 @dataclass
-class WiseConfig:
-    name: str = MISSING
-    layer: str = MISSING  # ${model.edit_layers.wise}
+class WiseConfig(TemplatedEditConfig):
     retrieve: bool = False  # WISE-Retrieve (one retrievable memory per merge) instead of WISE-Merge
     replay: bool = False  # WISE-Retrieve only: keep past groups' edits routed away from the side memory
-    edit_lr: float = 1.0
-    n_iter: int = 70
-    weight_decay: float = 1e-5
     mask_ratio: float = 0.2  # keep probability of the per-shard gradient mask
     act_margin: List[float] = field(default_factory=lambda: [5.0, 20.0, 10.0])  # alpha, beta, gamma
     act_ratio: float = 0.88  # threshold = act_ratio * min in-scope score
@@ -48,13 +54,7 @@ class WiseConfig:
     density: float = 0.53
     weights: float = 1.0  # total weight of the shards in a first merge
     merged_weight: float = 0.6  # weight of the previous merge in later merges (new shards share the rest)
-    early_stop_delta: float = 1e-4
-    early_stop_loss: float = 0.02
-    context_templates: int = 10  # generated prefixes; each edit trains on 1 + this many rows
-    template_lengths: List[int] = field(default_factory=lambda: [5, 10])  # tokens generated, per seed round
-    template_seeds: List[str] = field(default_factory=lambda: ["I", "You", "Because", "Yes", "Q: "])
     max_mean_positions: int = 100  # at inference, longer sequences are scored by their largest delta
-    prefix_cache: bool = True  # replay the frozen computation below the layer across steps (exact)
 
 
 # --- scores and losses (pure) ----------------------------------------------------------------------
@@ -100,24 +100,6 @@ def routing_losses(in_scores: torch.Tensor, out_scores: torch.Tensor, margins: S
     )
 
 
-def edit_nll(batch: TokenBatch, target_logits: torch.Tensor) -> torch.Tensor:
-    """Per row with targets: summed target NLL / (target tokens + 1); the mean over those rows.
-
-    The +1 reproduces the reference, whose label span starts one position before the target.
-    """
-    logp, gold, rows = batch.target_logprobs(target_logits)
-    nll = -logp.gather(-1, gold[:, None])[:, 0]
-    n = batch.target_mask.sum(-1)
-    per_row = torch.zeros(len(n), device=nll.device).index_add(0, rows, nll)
-    has_target = n > 0
-    return (per_row[has_target] / (n[has_target] + 1)).mean()
-
-
-def should_stop(losses: Sequence[float], delta: float, ceiling: float) -> bool:
-    """The reference's early stop: the last two step losses differ by <= delta and the last is <= ceiling."""
-    return len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= delta and losses[-1] <= ceiling
-
-
 def route_merge(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """WISE-Merge, per sequence: the memory with the largest score (the first on ties), or -1 (main
     memory) when every score is below the threshold. ``scores`` is [memories, batch]."""
@@ -136,11 +118,6 @@ def route_retrieve(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tens
         choice = torch.where(take, k, choice)
         best = torch.where(take, scores[k], best)
     return choice
-
-
-def seeded(seed: int, stream: int, index: int) -> torch.Generator:
-    """A CPU generator for one (stream, index) pair: the same draws on every device and after a reload."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream) * 1_000_003 + index)
 
 
 MASK_STREAM, MERGE_STREAM, REPLAY_STREAM = 1, 2, 3
@@ -322,16 +299,9 @@ class SideMemoryLayer(nn.Module):
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base.bias)
 
-    def _real_positions(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attention_mask is None:
-            return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        # With a KV cache the mask also covers past positions; this call sees the last ones.
-        # (.to: with device_map the mask lives on the first GPU, this layer maybe on another)
-        return self.attention_mask[:, -x.shape[1]:].bool().to(x.device)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         original = self.base(x)
-        real = self._real_positions(x)
+        real = real_positions(self.attention_mask, x)
         if self.editing:
             out = self._linear(x, self.bank.side)
             self.scores = sequence_scores(activation_delta(original, out, self.act), real)
@@ -351,45 +321,6 @@ class SideMemoryLayer(nn.Module):
         return out
 
 
-# --- the edit batch ------------------------------------------------------------------------------
-
-
-def generate_prefixes(model: nn.Module, tok: Any, cfg: WiseConfig, device: torch.device) -> list[str]:
-    """Greedy continuations of the seed words, one round per length, the first ``context_templates``."""
-    texts: list[str] = []
-    enc = tok(list(cfg.template_seeds), return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
-    for length in cfg.template_lengths:
-        if len(texts) >= cfg.context_templates:
-            break
-        out = model.generate(**enc, max_new_tokens=length, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
-        texts += tok.batch_decode(out, skip_special_tokens=True)
-    return texts[: cfg.context_templates]
-
-
-def templated(prefix: Optional[str], prompt: str) -> str:
-    # Plain concatenation, not str.format: generated text may contain braces.
-    return prompt if prefix is None else f"{prefix} {prompt}"
-
-
-@dataclass
-class EditBatch:
-    tokens: TokenBatch  # per request 1 + len(prefixes) edit rows, then one x_loc row per request
-    n_edit_rows: int
-    plain: list[list[int]]  # per request, token ids of prompt + " " + target
-
-
-def build_edit_batch(tok: Any, requests: Sequence[Request], prefixes: Sequence[str], loc_texts: Sequence[str], device) -> EditBatch:
-    """Rows and labels of the spec's edit batch; targets are located by character offsets."""
-    rows = [
-        encode_pair(tok, templated(prefix, r.prompt), r.target_new)
-        for r in requests
-        for prefix in [None, *prefixes]
-    ]
-    locs = [Encoded(tuple(tok(text)["input_ids"]), ()) for text in loc_texts]
-    plain = [list(encode_pair(tok, r.prompt, r.target_new).ids) for r in requests]
-    return EditBatch(TokenBatch.build(rows + locs, tok.pad_token_id, device), len(rows), plain)
-
-
 @dataclass
 class ReplayBatch:
     tokens: TokenBatch  # rows without targets: only their activation scores count
@@ -398,12 +329,6 @@ class ReplayBatch:
 
 def scoring_batch(rows: Sequence[Sequence[int]], pad_id: int, device) -> TokenBatch:
     return TokenBatch.build([Encoded(tuple(r), ()) for r in rows], pad_id, device)
-
-
-def run_model(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
-    return model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-    ).logits
 
 
 def margins_from_probe(in_scope: torch.Tensor) -> list[float]:
@@ -423,73 +348,22 @@ def routing_ratio(irrelevant: torch.Tensor, floor: float, max_routed: float = 0.
 # --- the method ---------------------------------------------------------------------------------
 
 
-class WISE(Method):
+class WISE(SideMemoryEditor):
     Config = WiseConfig
-
-    @staticmethod
-    def module_paths(cfg: WiseConfig) -> list[str]:
-        return [cfg.layer]
-
-    @staticmethod
-    def prefix_tokens(cfg: WiseConfig, tokenizer: Any) -> int:
-        """Bound on a generated prefix: seed word + the longest continuation + the joining space (+ slack)."""
-        if cfg.context_templates == 0:
-            return 0
-        seed = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in cfg.template_seeds)
-        return seed + max(cfg.template_lengths) + 3
 
     def __init__(self, cfg: WiseConfig, model: nn.Module, ctx):
         super().__init__(cfg, model, ctx)
-        if cfg.n_iter < 1:
-            raise UserError(f"method.n_iter must be >= 1, got {cfg.n_iter}")
         if cfg.save_freq < 1 or cfg.merge_freq % cfg.save_freq:
             raise UserError(f"method.merge_freq={cfg.merge_freq} must be a multiple of method.save_freq={cfg.save_freq} >= 1")
         if len(cfg.act_margin) != 3:
             raise UserError(f"method.act_margin must be [alpha, beta, gamma], got {list(cfg.act_margin)}")
         if not ctx.train_texts:
             raise UserError("WISE trains against irrelevant texts: the dataset needs a train_file")
-        linear_weight(get_module(model, cfg.layer))  # fails early on a layer that is not linear
         self.act = activation_fn(model.config)
-        self.layer: Optional[SideMemoryLayer] = None
-        self._hooks: list[Any] = []
-        self._prefixes: Optional[list[str]] = None  # context templates, generated once per run
-        self.losses: list[float] = []  # the last edit's loss before each step taken (diagnostics)
 
-    # --- installing and removing the side-memory layer ---
-
-    def context_prefixes(self) -> list[str]:
-        if self._prefixes is None:
-            if self.layer is not None:
-                raise RuntimeError("context templates must come from the unedited model")
-            self._prefixes = generate_prefixes(self.model, self.ctx.tokenizer, self.cfg, self.ctx.device)
-        return self._prefixes
-
-    def _install(self) -> SideMemoryLayer:
-        if self.layer is None:
-            self.context_prefixes()  # while the model is still unedited
-            base = get_module(self.model, self.cfg.layer)
-            bank = MemoryBank(linear_weight(base), self.cfg, self.ctx.seed)
-            self.layer = SideMemoryLayer(base, bank, self.act, self.cfg.max_mean_positions)
-            set_module(self.model, self.cfg.layer, self.layer)
-            self._hooks = [
-                self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True),
-                self.model.register_forward_hook(self._clear_mask, always_call=True),
-            ]
-        return self.layer
-
-    def _capture_mask(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.layer.attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-    def _clear_mask(self, *_: Any) -> None:
-        self.layer.attention_mask = None
-
-    def restore(self) -> None:
-        if self.layer is not None:
-            set_module(self.model, self.cfg.layer, self.layer.base)
-            for handle in self._hooks:
-                handle.remove()
-            self.layer, self._hooks = None, []
-        self.losses = []
+    def make_layer(self, base: nn.Module) -> SideMemoryLayer:
+        bank = MemoryBank(linear_weight(base), self.cfg, self.ctx.seed)
+        return SideMemoryLayer(base, bank, self.act, self.cfg.max_mean_positions)
 
     # --- editing ---
 
