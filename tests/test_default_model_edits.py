@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 # test fails once they do, so this list gets updated.
 RANK_ONE = ("rome", "memit", "alphaedit")
 NO_SUBJECT_PATHWAY = pytest.mark.xfail(strict=True, reason="no subject-position recall pathway in models/small")
-LANDING = ["ft_m", "grace", "wise", "wise_retrieve", *(pytest.param(m, marks=NO_SUBJECT_PATHWAY) for m in RANK_ONE)]
+LANDING = ["ft_m", "grace", "wise", "wise_retrieve", "memoir", *(pytest.param(m, marks=NO_SUBJECT_PATHWAY) for m in RANK_ONE)]
 
 
 @pytest.fixture(scope="module")
