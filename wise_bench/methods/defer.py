@@ -108,7 +108,7 @@ class DEFER(Method):
         gate_examples = self._gate_examples(requests, batch)
         params = [*adapter.gate.parameters(), *adapter.new.parameters()]
         opt = torch.optim.Adam(params, lr=self.cfg.lr)
-        losses: list[float] = []
+        first: Optional[torch.Tensor] = None  # read after the loop: no host sync per step
         adapter.soft = True
         try:
             with prefix_cache(self.model, self.cfg.layer, self.cfg.prefix_cache):
@@ -116,7 +116,7 @@ class DEFER(Method):
                     loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
                     if gate_examples is not None:
                         loss = loss + gate_classifier_loss(adapter, *gate_examples)
-                    losses.append(loss.item())
+                    first = loss.detach() if first is None else first
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -125,7 +125,7 @@ class DEFER(Method):
         with torch.no_grad():
             final = batch.mean_target_nll(batch.target_logits(self.model)).mean().item()
         # loss_start is the training (soft) loss; loss is the edit NLL with the hard gate used at test.
-        return {"loss_start": losses[0] if losses else final, "loss": final}
+        return {"loss_start": final if first is None else first.item(), "loss": final}
 
     def restore(self) -> None:
         if self.adapter is not None:

@@ -214,12 +214,12 @@ class GRACE(Method):
         rows = nn.Parameter(self.codebook.values[trained].clone())
         opt = torch.optim.Adam([rows], lr=self.cfg.lr)
         adapter.training_values = (trained, rows)
-        losses: list[float] = []
+        first: Optional[torch.Tensor] = None  # read after the loop: no host sync per step
         try:
             with prefix_cache(self.model, self.cfg.layer, self.cfg.prefix_cache):
                 for _ in range(self.cfg.n_iter):
                     loss = batch.mean_target_nll(batch.target_logits(self.model)).mean()
-                    losses.append(loss.item())
+                    first = loss.detach() if first is None else first
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -229,7 +229,7 @@ class GRACE(Method):
         with torch.no_grad():
             final = batch.mean_target_nll(batch.target_logits(self.model)).mean().item()
         kinds = [kind for _, kind in outcomes]
-        return {"loss_start": losses[0] if losses else final, "loss": final, "keys": len(self.codebook),
+        return {"loss_start": final if first is None else first.item(), "loss": final, "keys": len(self.codebook),
                 "splits": kinds.count("split"), "expands": kinds.count("expand")}
 
     def restore(self) -> None:
