@@ -191,3 +191,15 @@ def test_calibrated_tau_is_just_above_the_best_irrelevant_overlap(make):
     assert 0 < best < 1
     assert result.values == {"memoir_tau": pytest.approx(int(best * 100 + 1e-6) / 100 + 0.01)}
     assert result.measured["irrelevant_best_overlap_max"] == pytest.approx(best)
+
+
+def test_a_batch_step_edits_its_requests_one_after_the_other(make):
+    together = make()
+    together.edit(REQS[:2])
+    state = together.state_dict()
+    together.restore()
+    apart = make()
+    apart.edit(REQS[:1])
+    apart.edit(REQS[1:2])
+    assert torch.equal(apart.state_dict()["weight"], state["weight"])
+    assert torch.equal(apart.state_dict()["bank"], state["bank"])
