@@ -46,20 +46,17 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from wise_bench import memory_model  # noqa: E402
-from wise_bench.config import REPO_ROOT, register_configs  # noqa: E402
-from wise_bench.data import load_dataset  # noqa: E402
-from wise_bench.errors import UserError  # noqa: E402
-from wise_bench.generation import GenerationEvaluator, greedy_answers  # noqa: E402
-from wise_bench.loop import method_config  # noqa: E402
-from wise_bench.methods import EditContext  # noqa: E402
-from wise_bench.methods.side_memory import prefix_token_bound  # noqa: E402
-from wise_bench.metrics import Evaluator, encode_pair, length_sorted_batches  # noqa: E402
-from wise_bench.models import load_tokenizer  # noqa: E402
-from wise_bench.stats import TRAIN_TEXTS  # noqa: E402
+from wise_bench import memory_model
+from wise_bench.config import REPO_ROOT, register_configs
+from wise_bench.data import load_dataset
+from wise_bench.errors import UserError
+from wise_bench.generation import GenerationEvaluator, greedy_answers
+from wise_bench.loop import method_config
+from wise_bench.methods import EditContext
+from wise_bench.methods.side_memory import prefix_token_bound
+from wise_bench.metrics import Evaluator, encode_pair, length_sorted_batches
+from wise_bench.models import load_tokenizer
+from wise_bench.stats import TRAIN_TEXTS
 
 MODELS = ("llama-2-7b", "mistral-7b", "llama-3-8b-instruct")
 # AlphaEdit last: its fp64 eigendecompositions of d_ff x d_ff statistics are the slowest step, and
@@ -398,8 +395,8 @@ def default_data_dir() -> Path:
     env = os.environ.get("WISE_BENCH_DATA_DIR")
     if env:
         return Path(env)
-    shared = REPO.parent / "shared" / "data"
-    return shared if (shared / "zsre").is_dir() else REPO / "data"
+    shared = REPO_ROOT.parent / "shared" / "data"
+    return shared if (shared / "zsre").is_dir() else REPO_ROOT / "data"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -416,7 +413,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--stats-dir", type=Path, default=REPO / "outputs" / "gpu_check" / "stats",
+    p.add_argument("--stats-dir", type=Path, default=REPO_ROOT / "outputs" / "gpu_check" / "stats",
                    help="AlphaEdit's cached second moments")
     p.add_argument("--budget-s", type=float, default=450.0, help="start no method after this many seconds")
     p.add_argument("--seed", type=int, default=0)

@@ -244,3 +244,28 @@ def test_each_single_layer_editor_learns_the_same_edit_with_the_cache(tiny, comp
     plain, fast = states
     assert len(plain) == len(fast) > 0
     assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(plain, fast))
+
+
+@pytest.mark.parametrize("name", ["wise", "memoir", "grace"])
+def test_the_prefix_cache_is_exact_on_a_bfloat16_model(compose, name):
+    """bf16 weights (the GPU setting): an edit learns the same state with and without the cache; MEMOIR
+    keeps its residual memory in float32 whatever the model's dtype."""
+    from wise_bench.data import Request
+    from wise_bench.loop import method_config
+    from wise_bench.methods import EditContext
+    from wise_bench.models import load_model, load_tokenizer
+
+    request = Request(prompt="The capital of Atlantis is", target_new="Zor", loc_prompt="nq question: sky", loc_answer="blue", index=0)
+    states = []
+    for cached in (True, False):
+        cfg = compose([f"method={name}", "model.dtype=bfloat16", "method.n_iter=3", f"method.prefix_cache={cached}",
+                       *(["method.context_templates=1", "method.template_lengths=[3]"] if name != "grace" else [])])
+        tok = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, len(tok), torch.device("cpu"))
+        cls, method_cfg = method_config(cfg)
+        method = cls(method_cfg, model, EditContext(tok, ["nq question: boiling point of water 100 degrees"], torch.device("cpu"), 0))
+        method.edit([request])
+        if name == "memoir":
+            assert method.state_dict()["weight"].dtype == torch.float32
+        states.append(tensors_in(method.state_dict()))
+    assert len(states[0]) == len(states[1]) and all(torch.equal(a, b) for a, b in zip(*states))

@@ -237,8 +237,8 @@ def compute_delta(model: nn.Module, tokenizer, module_path: str, loc: Located, t
             unedited = kl_logprobs()  # δ = 0
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         max_norm = cfg.clamp_norm_factor * init_norm
-        losses: list[float] = []
-        nlls: list[float] = []
+        losses: list[float] = []  # the early stop reads each step's loss; nothing else syncs the device
+        nlls: list[torch.Tensor] = []
         with prefix_cache(model, module_path, cfg.prefix_cache):
             for _ in range(cfg.v_steps):
                 active[0] = rewrite
@@ -246,19 +246,18 @@ def compute_delta(model: nn.Module, tokenizer, module_path: str, loc: Located, t
                 drift = F.kl_div(kl_logprobs(), unedited, log_target=True, reduction="sum")
                 loss = nll + cfg.kl_factor * drift + cfg.v_weight_decay * delta.norm() ** 2 / init_norm ** 2
                 losses.append(loss.item())
-                nlls.append(nll.item())
+                nlls.append(nll.detach())
                 if losses[-1] < cfg.stop_loss:
                     break
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
+                    delta.mul_((max_norm / delta.norm()).clamp(max=1.0))  # projected back onto the norm ball
     finally:
         handle.remove()
     # Measured before each step: the last values are from before the last step taken (or skipped).
-    return delta.detach(), {"loss_start": losses[0], "loss": losses[-1], "nll_start": nlls[0], "nll": nlls[-1],
+    return delta.detach(), {"loss_start": losses[0], "loss": losses[-1], "nll_start": nlls[0].item(), "nll": nlls[-1].item(),
                             "steps": len(losses)}
 
 
