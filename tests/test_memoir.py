@@ -203,3 +203,26 @@ def test_a_batch_step_edits_its_requests_one_after_the_other(make):
     apart.edit(REQS[1:2])
     assert torch.equal(apart.state_dict()["weight"], state["weight"])
     assert torch.equal(apart.state_dict()["bank"], state["bank"])
+
+
+def test_gpt2_conv1d_layer(tiny):
+    """GPT-2's Conv1D stores its weight as (in, out): the residual memory still has the (out, in) shape
+    of the map, keeps the layer's bias, and an edit changes only its own prompt's outputs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok)))
+    gpt2 = gpt2.eval().requires_grad_(False)
+    layer = "transformer.h[2].mlp.c_proj"  # Conv1D, 128 -> 32
+    cfg = OmegaConf.merge(OmegaConf.structured(MemoirConfig), {"name": "memoir", "layer": layer, **FAST, "tau": 1.0, "n_iter": 10})
+    pairs = [(REQS[0].prompt, REQS[0].target_new), (REQS[1].prompt, REQS[1].target_new)]
+    before, _ = run_logits(gpt2, tok, pairs)
+    method = METHODS["memoir"](cfg, gpt2, EditContext(tok, TRAIN, torch.device("cpu"), 0))
+    try:
+        method.edit([REQS[0]])
+        assert method.layer.memory.weight.shape == (32, 128)
+        after, _ = run_logits(gpt2, tok, pairs)
+        assert not torch.allclose(after[0], before[0]) and torch.equal(after[1], before[1])
+    finally:
+        method.restore()
