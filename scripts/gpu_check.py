@@ -146,12 +146,21 @@ def smoke_edit_layers(edit_layers: dict, real_layers: int) -> dict:
 # --- configs ----------------------------------------------------------------------------------------
 
 
+def composed(overrides: list[str]) -> Any:
+    """conf/config.yaml with ``overrides``, as ``python -m wise_bench`` composes it."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides)
+
+
+def check_tokenizer(args):
+    """The tokenizer every shape is run with (the default model's: no checkpoint tokenizer offline)."""
+    return load_tokenizer(composed([f"model={TOKENIZER_MODEL}", f"data_dir={args.data_dir}"]).model)
+
+
 def run_config(model_name: str, method: str, args) -> Any:
     """conf/config.yaml with model=<model_name> method=<method> dataset=zsre, as a run composes it,
     plus this check's settings (smoke: remapped layers, fewer steps, MEMOIR's top_k scaled)."""
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", [f"model={model_name}", f"method={method}", "dataset=zsre", f"data_dir={args.data_dir}",
-                                 f"seed={args.seed}"])
+    cfg = composed([f"model={model_name}", f"method={method}", "dataset=zsre", f"data_dir={args.data_dir}", f"seed={args.seed}"])
     if method == "alphaedit":
         cfg.method.mom2_dataset = TRAIN_TEXTS
         cfg.method.stats_dir = str(args.stats_dir)
@@ -303,9 +312,7 @@ def check(args) -> dict[str, Any]:
         raise UserError("no CUDA device: run on a GPU, or use --smoke on the CPU")
     dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
     started = time.perf_counter()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        tok_cfg = compose("config", [f"model={TOKENIZER_MODEL}", f"data_dir={args.data_dir}"])
-    tok = load_tokenizer(tok_cfg.model)
+    tok = check_tokenizer(args)
     result: dict[str, Any] = {
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "smoke": args.smoke, "dtype": str(dtype).removeprefix("torch."), "seed": args.seed,
@@ -358,9 +365,7 @@ def print_row(model_name: str, method: str, r: dict) -> None:
 def predictions_table(T: int, args) -> list[dict[str, Any]]:
     """Predicted peak per model × method at T edits, bf16, with this check's batch shapes."""
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        tok_cfg = compose("config", [f"model={TOKENIZER_MODEL}", f"data_dir={args.data_dir}"])
-    tok = load_tokenizer(tok_cfg.model)
+    tok = check_tokenizer(args)
     rows = []
     for model_name in args.models:
         config = transformers_config(model_shape(model_name, smoke=False), tok)

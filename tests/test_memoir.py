@@ -1,8 +1,8 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_wise import REQS  # the same three requests
 
-from wise_bench.data import Request
 from wise_bench.errors import UserError
 from wise_bench.generation import greedy_batch
 from wise_bench.loop import prepare
@@ -20,14 +20,6 @@ from wise_bench.methods.memoir import (
 from wise_bench.metrics import TokenBatch, encode_pair
 
 LAYER = "model.layers[3].mlp.down_proj"  # tiny_random: FFN width 128
-REQS = [
-    Request(prompt="The capital of Atlantis is", target_new="Zor", loc_prompt="nq question: sky", loc_answer="blue",
-            rephrase_prompt="Atlantis has its capital in", index=0),
-    Request(prompt="Who painted the Moon Rose?", target_new="Ada Quill", loc_prompt="nq question: who wrote hamlet",
-            loc_answer="William Shakespeare", rephrase_prompt="The Moon Rose was painted by", index=1),
-    Request(prompt="What is the native language of Danielle Darrieux?", target_new="English", loc_prompt="nq question: largest ocean",
-            loc_answer="the Pacific Ocean", rephrase_prompt="Danielle Darrieux speaks", index=2),
-]
 TRAIN = ["nq question: boiling point of water 100 degrees", "nq question: capital of france Paris", "a b c"]
 FAST = {"n_iter": 5, "context_templates": 1, "template_lengths": [3], "top_k": 32, "tau": 0.6, "edit_lr": 3.0}
 
