@@ -122,7 +122,8 @@ class TokenBatch:
             return self._forward(model, logits_to_keep=keep).logits[rows, column]
 
         def gather_targets(_head: nn.Module, args: tuple) -> tuple:
-            return (args[0][rows, cols - 1][None], *args[1:])
+            hidden = args[0]  # with device_map, on the last block's device
+            return (hidden[rows.to(hidden.device), (cols - 1).to(hidden.device)][None], *args[1:])
 
         handle = head.register_forward_pre_hook(gather_targets)
         try:

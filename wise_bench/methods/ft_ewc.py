@@ -51,7 +51,11 @@ class FTEWC(FT):
         if self.consolidated is None:
             return edit_loss
         fisher, anchor = self.consolidated
-        return lambda: edit_loss() + self.cfg.ewc_lambda * ewc_penalty(self.weight, fisher, anchor)
+        def loss() -> torch.Tensor:
+            nll = edit_loss()  # on the input device, the penalty on the layer's
+            return nll + (self.cfg.ewc_lambda * ewc_penalty(self.weight, fisher, anchor)).to(nll.device)
+
+        return loss
 
     def edit(self, requests: list[Request]) -> dict[str, float]:
         # The anchor θ* is the weight before this edit, i.e. after the remembered ones.

@@ -295,7 +295,8 @@ def all_position_inputs(model, layer, seqs: list[Encoded], pad_id: int, device, 
     out = []
     for s in range(0, len(seqs), batch_size):
         batch = TokenBatch.build(seqs[s:s + batch_size], pad_id, device)
-        out.append(layer_inputs(model, layer, batch)[batch.attention_mask.bool()])
+        inputs = layer_inputs(model, layer, batch)  # on the layer's device, the mask on the input device
+        out.append(inputs[batch.attention_mask.bool().to(inputs.device)])
     return torch.cat(out).float()
 
 

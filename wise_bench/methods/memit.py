@@ -107,7 +107,7 @@ class MEMIT(WeightEditor):
         for module, C in zip(self.modules, self.mom2):
             (K,) = self.subject_vectors(located, [(module, "input")])
             K = K.double().T
-            norms.append((K * torch.linalg.solve(C.double(), K)).sum(0))
+            norms.append((K * torch.linalg.solve(C.double(), K)).sum(0).cpu())  # layers may sit on different devices
         return torch.cat(norms)
 
     @classmethod

@@ -244,7 +244,8 @@ def compute_delta(model: nn.Module, tokenizer, module_path: str, loc: Located, t
                 active[0] = rewrite
                 nll = rewrite.batch.mean_target_nll(rewrite.batch.target_logits(model)).mean()
                 drift = F.kl_div(kl_logprobs(), unedited, log_target=True, reduction="sum")
-                loss = nll + cfg.kl_factor * drift + cfg.v_weight_decay * delta.norm() ** 2 / init_norm ** 2
+                decay = cfg.v_weight_decay * delta.norm() ** 2 / init_norm ** 2  # on the layer's device
+                loss = nll + cfg.kl_factor * drift + decay.to(nll.device)
                 losses.append(loss.item())
                 nlls.append(nll.detach())
                 if losses[-1] < cfg.stop_loss:

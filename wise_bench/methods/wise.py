@@ -412,10 +412,11 @@ class WISE(SideMemoryEditor):
     def _loss(self, layer: SideMemoryLayer, batch: EditBatch, replay: Optional[ReplayBatch]) -> tuple[torch.Tensor, torch.Tensor]:
         target_logits = batch.tokens.target_logits(self.model)
         scores, n = layer.scores, batch.n_edit_rows
-        loss = edit_nll(batch.tokens, target_logits) + sum(routing_losses(scores[:n], scores[n:], self.cfg.act_margin))
+        nll = edit_nll(batch.tokens, target_logits)  # on the input device; the scores on the layer's
+        loss = nll + sum(routing_losses(scores[:n], scores[n:], self.cfg.act_margin)).to(nll.device)
         if replay is not None:
             run_model(self.model, replay.tokens)
-            loss = loss + self._replay_loss(layer.scores, replay.n_past)
+            loss = loss + self._replay_loss(layer.scores, replay.n_past).to(nll.device)
         return loss, scores[:n]
 
     # --- WISE-Retrieve replay (paper App. B.3) ---
