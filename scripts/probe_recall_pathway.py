@@ -2,13 +2,16 @@
 """Where in a model can one position's hidden state move the answer? (docs/small_model.md)
 
 For each request of a tuning split and each decoder layer, a free vector δ is added to the layer's
-output at one position (the subject's last token, or the prompt's last token) and optimised with
+output at one position (by default the subject's last token, or the prompt's last token; `--positions`
+also offers the other places the reference ROME's `fact_token` can put the key) and optimised with
 Adam to make the model produce the new target. The table gives the mean target NLL before and after
 and the teacher-forced token accuracy after. Locate-then-edit methods (ROME, MEMIT, AlphaEdit) write
 exactly such a δ at the subject's last token, so if even a free δ there cannot move the answer, no
 setting of theirs can.
 
     python scripts/probe_recall_pathway.py --model models/small --records 12
+    python scripts/probe_recall_pathway.py --layers 0 1 2 \
+        --positions subject_first subject_last all_subject after_subject prompt_last
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ from wise_bench.config import REPO_ROOT
 from wise_bench.download import default_data_dir
 
 
-def probe(model, tok, prompt: str, target: str, layer: int, pos: int, steps: int, lr: float) -> tuple[float, float, float]:
-    """(NLL before, NLL after, token accuracy after) of ``target`` with δ at (``layer``, ``pos``)."""
+def probe(model, tok, prompt: str, target: str, layer: int, pos: int | list[int], steps: int, lr: float) -> tuple[float, float, float]:
+    """(NLL before, NLL after, token accuracy after) of ``target`` with one δ at (``layer``, ``pos``)
+    (``pos`` a list: the same δ at each of those positions)."""
     p_ids = tok(prompt)["input_ids"]
     t_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
     ids, gold = torch.tensor([p_ids + t_ids]), torch.tensor(t_ids)
@@ -57,6 +61,20 @@ def probe(model, tok, prompt: str, target: str, layer: int, pos: int, steps: int
         handle.remove()
 
 
+def subject_positions(tok, prompt: str, subject: str) -> dict[str, int | list[int]]:
+    """Token positions in ``prompt`` where a key can sit, by name (a subject token is one that holds a
+    character of the subject, by the tokenizer's character offsets)."""
+    spans = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
+    start = prompt.index(subject)
+
+    def holding(char: int) -> int:
+        return next(i for i, (a, b) in enumerate(spans) if a <= char < b)
+
+    first, last = holding(start), holding(start + len(subject) - 1)
+    return {"subject_first": first, "subject_last": last, "all_subject": list(range(first, last + 1)),
+            "after_subject": last + 1, "prompt_last": len(tok(prompt)["input_ids"]) - 1}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REPO_ROOT / "models" / "small"),
@@ -66,6 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--records", type=int, default=12, help="first N records of the ZsRE tuning split")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--layers", type=int, nargs="+", help="decoder layers to probe (default: all)")
+    p.add_argument("--positions", nargs="+", default=["subject_last", "prompt_last"],
+                   choices=["subject_first", "subject_last", "all_subject", "after_subject", "prompt_last"])
     args = p.parse_args(argv)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().requires_grad_(False)
@@ -73,12 +94,10 @@ def main(argv=None) -> int:
         records = [r for r in json.load(f)[:args.records] if r["subject"] in r["src"]]
     rows = {}
     for r in records:
-        subject_end = r["src"].index(r["subject"]) + len(r["subject"])
-        positions = {"subject's last token": len(tok(r["src"][:subject_end])["input_ids"]) - 1,
-                     "prompt's last token": len(tok(r["src"])["input_ids"]) - 1}
-        for layer in range(model.config.num_hidden_layers):
-            for where, pos in positions.items():
-                rows.setdefault((layer, where), []).append(probe(model, tok, r["src"], r["alt"], layer, pos, args.steps, args.lr))
+        positions = subject_positions(tok, r["src"], r["subject"])
+        for layer in args.layers or range(model.config.num_hidden_layers):
+            for where in args.positions:
+                rows.setdefault((layer, where), []).append(probe(model, tok, r["src"], r["alt"], layer, positions[where], args.steps, args.lr))
     print(f"{len(records)} requests, {args.steps} Adam steps (lr {args.lr}), δ unconstrained")
     print("| layer | δ at | target NLL before | after | token accuracy after |\n|---|---|---|---|---|")
     for (layer, where), vals in sorted(rows.items()):

@@ -1,0 +1,35 @@
+"""scripts/probe_recall_pathway.py: the key positions it probes, and one probe on a tiny model."""
+import importlib.util
+
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def probe_script():
+    spec = importlib.util.spec_from_file_location("probe_recall_pathway", REPO / "scripts" / "probe_recall_pathway.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_positions_counted_by_hand_on_a_byte_level_tokenizer(probe_script, tiny):
+    _, tok = tiny  # one token per byte, after <s> at position 0
+    at_end = probe_script.subject_positions(tok, "Who founded Apple?", "Apple")
+    # "Who founded " is 12 bytes: "A" at 1 + 12 = 13, "e" at 17, "?" at 18
+    assert at_end == {"subject_first": 13, "subject_last": 17, "all_subject": [13, 14, 15, 16, 17],
+                      "after_subject": 18, "prompt_last": 18}
+    at_start = probe_script.subject_positions(tok, "Rhine flows into", "Rhine")
+    assert at_start["subject_first"] == 1 and at_start["subject_last"] == 5 and at_start["prompt_last"] == 16
+
+
+def test_a_delta_moves_the_answer_only_from_where_it_can_reach_it(probe_script, tiny):
+    """After the last block, position i's hidden state feeds only position i's logits: a δ at <s>
+    cannot touch the target, a δ at the prompt's last token sets the first target token."""
+    model, tok = tiny
+    last = model.config.num_hidden_layers - 1
+    before, unmoved, _ = probe_script.probe(model, tok, "Who founded Apple?", "Bill", layer=last, pos=0, steps=10, lr=0.5)
+    assert unmoved == before
+    before, after, accuracy = probe_script.probe(model, tok, "Who founded Apple?", "Bill", layer=last, pos=18, steps=30, lr=0.5)
+    assert after < before - 0.1 and accuracy >= 0.2  # " Bill": 5 tokens, the first set by δ (random logits are flat)
+    assert all(p.grad is None for p in model.parameters())  # only δ was trained
