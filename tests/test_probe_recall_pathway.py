@@ -2,6 +2,7 @@
 import importlib.util
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -27,9 +28,10 @@ def test_a_delta_moves_the_answer_only_from_where_it_can_reach_it(probe_script, 
     """After the last block, position i's hidden state feeds only position i's logits: a δ at <s>
     cannot touch the target, a δ at the prompt's last token sets the first target token."""
     model, tok = tiny
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     last = model.config.num_hidden_layers - 1
     before, unmoved, _ = probe_script.probe(model, tok, "Who founded Apple?", "Bill", layer=last, pos=0, steps=10, lr=0.5)
     assert unmoved == before
     before, after, accuracy = probe_script.probe(model, tok, "Who founded Apple?", "Bill", layer=last, pos=18, steps=30, lr=0.5)
     assert after < before - 0.1 and accuracy >= 0.2  # " Bill": 5 tokens, the first set by δ (random logits are flat)
-    assert all(p.grad is None for p in model.parameters())  # only δ was trained
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # only δ was trained
