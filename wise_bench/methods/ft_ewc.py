@@ -51,6 +51,7 @@ class FTEWC(FT):
         if self.consolidated is None:
             return edit_loss
         fisher, anchor = self.consolidated
+
         def loss() -> torch.Tensor:
             nll = edit_loss()  # on the input device, the penalty on the layer's
             return nll + (self.cfg.ewc_lambda * ewc_penalty(self.weight, fisher, anchor)).to(nll.device)
