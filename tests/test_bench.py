@@ -1,11 +1,10 @@
 """scripts/bench.py: the fast paths must agree with the naive reference it times them against."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 
 KEYS = {"method", "model", "edit_s_per_edit", "edit_s_per_edit_naive", "edit_speedup", "eval_req_per_s",
         "eval_req_per_s_naive", "eval_speedup", "peak_mem_mb", "generation_req_per_s",
@@ -15,10 +14,8 @@ KEYS = {"method", "model", "edit_s_per_edit", "edit_s_per_edit_naive", "edit_spe
 @pytest.fixture(scope="module")
 def bench():
     """The script as a module, for its functions (its Hydra app runs in a subprocess below)."""
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield load_script("bench")
+    del sys.modules["bench"]
 
 
 def bench_config(*overrides: str):

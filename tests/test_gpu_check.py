@@ -1,13 +1,12 @@
 """scripts/gpu_check.py: its CPU smoke mode runs every model × method on the scaled-down shapes and
 writes figures beside the memory model's prediction."""
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 
 MODELS = ("llama-2-7b", "mistral-7b", "llama-3-8b-instruct")
 METHODS = ("wise", "grace", "ft_m", "alphaedit", "memoir", "ultraedit")
@@ -16,11 +15,7 @@ SMALL_RUN = ["--edits", "2", "--turn", "3", "--eval-requests", "4", "--generatio
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("gpu_check")
     del sys.modules["gpu_check"]
 
 

@@ -1,17 +1,15 @@
 """scripts/probe_recall_pathway.py: the key positions it probes, and one probe on a tiny model."""
-import importlib.util
+import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def probe_script():
-    spec = importlib.util.spec_from_file_location("probe_recall_pathway", REPO / "scripts" / "probe_recall_pathway.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield load_script("probe_recall_pathway")
+    del sys.modules["probe_recall_pathway"]
 
 
 def test_positions_counted_by_hand_on_a_byte_level_tokenizer(probe_script, tiny):
