@@ -58,6 +58,7 @@ class Fact:
     prompt: str
     answer: str
     source: str
+    subject: str = ""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -89,6 +90,29 @@ def relation_templates(data_dir: Path) -> dict[str, list[str]]:
     return templates
 
 
+def record_relation(record: dict, templates: dict[str, list[str]]) -> str | None:
+    """The CounterFact relation whose template, filled with the record's subject, gives its prompt."""
+    prompt = clean(record["prompt"])
+    return next((rel for rel, ts in templates.items()
+                 if any(clean(t.replace("{}", record["subject"])) == prompt for t in ts)), None)
+
+
+def subject_relations(subjects: list[str], templates: dict[str, list[str]], pools: dict[str, list[str]],
+                      k: int, forbidden: dict[str, set[str]], rng: random.Random) -> list[tuple[str, str, str]]:
+    """``k`` more facts per subject, as (statement, answer, subject): a subject-first template of
+    another relation with an answer drawn from that relation's true objects, never one of the
+    subject's edit targets. The attributes are invented; they give every subject several relations,
+    so that its last token must carry attributes for the relation words after it to select."""
+    first = {rel: [t for t in ts if t.startswith("{}")] for rel, ts in templates.items()}
+    rels = sorted(rel for rel, ts in first.items() if ts and pools.get(rel))
+    out = []
+    for subject in subjects:
+        for rel in rng.sample(rels, k):
+            answers = [a for a in pools[rel] if a not in forbidden.get(subject, ())]
+            out.append((rng.choice(first[rel]).replace("{}", subject), rng.choice(answers), subject))
+    return out
+
+
 def cf_statements(record: dict, templates: dict[str, list[str]], n_templates: int, rng: random.Random,
                   with_rephrase: bool) -> list[str]:
     """The record's prompt and up to ``n_templates`` other templates of its relation, filled with its
@@ -96,8 +120,8 @@ def cf_statements(record: dict, templates: dict[str, list[str]], n_templates: in
     evaluated); the paraphrase itself only when ``with_rephrase``."""
     subject, prompt = record["subject"], clean(record["prompt"])
     rephrase = clean(record["rephrase_prompt"])
-    own = [t for ts in templates.values() for t in ts if clean(t.replace("{}", subject)) == prompt]
-    relation = next((rel for rel, ts in templates.items() if own and own[0] in ts), None)
+    relation = record_relation(record, templates)
+    own = [t for t in templates.get(relation, []) if clean(t.replace("{}", subject)) == prompt]
     others = [clean(t.replace("{}", subject)) for t in templates.get(relation, []) if t not in own]
     others = sorted({o for o in others if not rephrase.endswith(o) and o != prompt})
     rng.shuffle(others)
@@ -117,23 +141,38 @@ def build_corpus(data_dir: Path, args) -> tuple[list[Fact], dict]:
     templates = relation_templates(data_dir)
     n_tune = args.tune_records
 
-    groups: list[tuple[str, list[tuple[str, str]]]] = [
-        ("zsre_edit_src", [(r["src"], r["answers"][0]) for r in zsre_edit]),
+    groups: list[tuple[str, list[tuple[str, str] | tuple[str, str, str]]]] = [
+        ("zsre_edit_src", [(r["src"], r["answers"][0], r["subject"]) for r in zsre_edit]),
         ("zsre_edit_loc", [(r["loc"], r["loc_ans"]) for r in zsre_edit]),
-        ("cf_edit_prompt", [(p, r["ground_truth"]) for r in cf_edit
+        ("cf_edit_prompt", [(p, r["ground_truth"], r["subject"]) for r in cf_edit
                             for p in cf_statements(r, templates, args.cf_templates, rng, with_rephrase=False)]),
         ("cf_edit_loc", [(r["locality_prompt"], r["locality_ground_truth"]) for r in cf_edit]),
-        ("zsre_tune_src", [(r["src"], r["answers"][0]) for r in zsre_train[:n_tune]]),
+        ("zsre_tune_src", [(r["src"], r["answers"][0], r["subject"]) for r in zsre_train[:n_tune]]),
         ("zsre_tune_loc", [(r["loc"], r["loc_ans"]) for r in zsre_train[:n_tune]]),
-        ("cf_tune_prompt", [(p, r["ground_truth"]) for r in cf_train[:n_tune]
+        ("cf_tune_prompt", [(p, r["ground_truth"], r["subject"]) for r in cf_train[:n_tune]
                             for p in cf_statements(r, templates, args.cf_templates, rng, with_rephrase=False)]),
         ("cf_tune_loc", [(r["locality_prompt"], r["locality_ground_truth"]) for r in cf_train[:n_tune]]),
         # paraphrase signal: records that are neither evaluated nor tuned on, with their paraphrases
-        ("zsre_para", [(p, r["answers"][0]) for r in zsre_train[n_tune:] for p in (r["src"], r["rephrase"])]),
+        ("zsre_para", [(p, r["answers"][0], r["subject"]) for r in zsre_train[n_tune:] for p in (r["src"], r["rephrase"])]),
         ("zsre_para_loc", [(r["loc"], r["loc_ans"]) for r in zsre_train[n_tune:]]),
-        ("cf_para", [(p, r["ground_truth"]) for r in cf_train[n_tune:n_tune + args.cf_para_records]
+        ("cf_para", [(p, r["ground_truth"], r["subject"]) for r in cf_train[n_tune:n_tune + args.cf_para_records]
                      for p in cf_statements(r, templates, args.cf_templates, rng, with_rephrase=True)]),
     ]
+    if args.groups:
+        groups = [(name, items) for name, items in groups if name in args.groups]
+    if args.subject_relations:
+        pools: dict[str, list[str]] = {}
+        for r in cf_edit + cf_train:
+            pools.setdefault(record_relation(r, templates), []).append(clean(r["ground_truth"]))
+        pools = {rel: sorted(set(a)) for rel, a in pools.items() if rel}
+        forbidden: dict[str, set[str]] = {}
+        for r in zsre_edit + zsre_train:
+            forbidden.setdefault(r["subject"], set()).add(clean(r["alt"]))
+        for r in cf_edit + cf_train:
+            forbidden.setdefault(r["subject"], set()).add(clean(r["target_new"]))
+        subjects = list(dict.fromkeys(item[2] for _, items in groups for item in items if len(item) == 3))
+        groups.append(("subject_relations", subject_relations(subjects, templates, pools, args.subject_relations,
+                                                              forbidden, rng)))
     held_out = {clean(r["rephrase"]) for r in zsre_edit + zsre_train[:n_tune]}
     held_out |= {clean(r["rephrase_prompt"]) for r in cf_edit + cf_train[:n_tune]}
     new_targets = {(clean(r["src"]), clean(r["alt"])) for r in zsre_edit + zsre_train}
@@ -143,7 +182,7 @@ def build_corpus(data_dir: Path, args) -> tuple[list[Fact], dict]:
     stats = {"duplicates": 0, "conflicts": 0, "held_out_skipped": 0, "new_target_equals_truth": 0, "per_group": {}}
     for name, items in groups:
         kept = 0
-        for prompt, answer in items:
+        for prompt, answer, *subject in items:
             prompt, answer = clean(prompt), clean(answer)
             if not prompt or not answer:
                 continue
@@ -155,7 +194,7 @@ def build_corpus(data_dir: Path, args) -> tuple[list[Fact], dict]:
             if prompt in facts:
                 stats["duplicates" if facts[prompt].answer == answer else "conflicts"] += 1
                 continue
-            facts[prompt] = Fact(prompt, answer, name)
+            facts[prompt] = Fact(prompt, answer, name, *subject)
             kept += 1
         stats["per_group"][name] = kept
     stats["relations"] = len(templates)
@@ -277,17 +316,27 @@ def sample_accuracy(model, encoded, pad_id: int, device, n: int = 512) -> float:
     return hits / max(1, total)
 
 
-def epoch_facts(facts: list[Fact], prefix_prob: float, rng: random.Random) -> list[Fact]:
+def epoch_facts(facts: list[Fact], prefix_prob: float, profile_prob: float, rng: random.Random) -> list[Fact]:
     """This epoch's copy of the corpus: with probability ``prefix_prob`` a fact is read after another
     fact's statement, so that knowledge does not depend on the question starting the text (editing
-    methods read prompts after context prefixes)."""
-    if not prefix_prob:
+    methods read prompts after context prefixes); with probability ``profile_prob`` a fact about a
+    subject is read after the subject's other facts, in a random order (a short profile)."""
+    if not prefix_prob and not profile_prob:
         return facts
+    by_subject: dict[str, list[Fact]] = {}
+    for f in facts:
+        if f.subject:
+            by_subject.setdefault(f.subject, []).append(f)
     out = []
     for f in facts:
-        if rng.random() < prefix_prob:
+        if profile_prob and len(by_subject.get(f.subject, ())) > 1 and rng.random() < profile_prob:
+            others = [o for o in by_subject[f.subject] if o is not f]
+            rng.shuffle(others)
+            prefix = "".join(f"{o.prompt} {o.answer}. " for o in others)
+            f = Fact(prefix + f.prompt, f.answer, f.source, f.subject)
+        elif prefix_prob and rng.random() < prefix_prob:
             other = facts[rng.randrange(len(facts))]
-            f = Fact(f"{other.prompt} {other.answer}. {f.prompt}", f.answer, f.source)
+            f = Fact(f"{other.prompt} {other.answer}. {f.prompt}", f.answer, f.source, f.subject)
         out.append(f)
     return out
 
@@ -311,7 +360,7 @@ def train(model, facts: list[Fact], tokenizer, args, device) -> dict:
     step, t0, history = 0, time.time(), []
     bar = tqdm(total=total, desc="train", unit="step", mininterval=5.0)
     for epoch in range(args.epochs):
-        encoded = encode(tokenizer, epoch_facts(facts, args.prefix_prob, rng))
+        encoded = encode(tokenizer, epoch_facts(facts, args.prefix_prob, args.profile_prob, rng))
         ep_loss, ep_tok = 0.0, 0
         for batch in make_batches([len(ids) for ids, _ in encoded], args.batch_size, rng):
             ids, att, labels = (t.to(device) for t in collate(encoded, batch, pad_id))
@@ -410,6 +459,11 @@ def parse_args(argv=None):
                    help="weight of the next-token loss on the non-answer tokens (0: answers only)")
     p.add_argument("--prefix-prob", type=float, default=0.3,
                    help="share of facts read, each epoch, after another fact's statement")
+    p.add_argument("--subject-relations", type=int, default=0,
+                   help="invented facts of other relations added per subject (docs/small_model.md, candidate C)")
+    p.add_argument("--profile-prob", type=float, default=0.0,
+                   help="share of a subject's facts read, each epoch, after its other facts")
+    p.add_argument("--groups", nargs="+", help="train only these corpus groups (a reduced candidate for a quick probe)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16", help="saved weights")
     p.add_argument("--no-save", action="store_true", help="train and evaluate only")
     return p.parse_args(argv)

@@ -10,6 +10,7 @@ exactly such a δ at the subject's last token, so if even a free δ there cannot
 setting of theirs can.
 
     python scripts/probe_recall_pathway.py --model models/small --records 12
+    python scripts/probe_recall_pathway.py --dataset counterfact --layers 0 1 2
     python scripts/probe_recall_pathway.py --layers 0 1 2 \
         --positions subject_first subject_last all_subject after_subject prompt_last
 """
@@ -25,6 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wise_bench.config import REPO_ROOT
 from wise_bench.download import default_data_dir
+
+# the tuning splits' files (their first records are never evaluated): path, prompt field, new-target field
+TUNING_SPLITS = {"zsre": ("zsre/zsre_mend_train-1k.json", "src", "alt"),
+                 "counterfact": ("counterfact/counterfact-train.json", "prompt", "target_new")}
 
 
 def probe(model, tok, prompt: str, target: str, layer: int, pos: int | list[int], steps: int, lr: float) -> tuple[float, float, float]:
@@ -81,7 +86,8 @@ def main(argv=None) -> int:
                    help="a local model directory (default: <repo>/models/small)")
     p.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help="the benchmark data (default, as the app: $WISE_BENCH_DATA_DIR, else <repo>/data)")
-    p.add_argument("--records", type=int, default=12, help="first N records of the ZsRE tuning split")
+    p.add_argument("--records", type=int, default=12, help="first N records of the tuning split")
+    p.add_argument("--dataset", choices=list(TUNING_SPLITS), default="zsre", help="which tuning split")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--layers", type=int, nargs="+", help="decoder layers to probe (default: all)")
@@ -90,15 +96,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().requires_grad_(False)
-    with open(args.data_dir / "zsre" / "zsre_mend_train-1k.json", encoding="utf-8") as f:
-        records = [r for r in json.load(f)[:args.records] if r["subject"] in r["src"]]
+    path, prompt_key, target_key = TUNING_SPLITS[args.dataset]
+    with open(args.data_dir / path, encoding="utf-8") as f:
+        records = [r for r in json.load(f)[:args.records] if r["subject"] in r[prompt_key]]
     rows = {}
     for r in records:
-        positions = subject_positions(tok, r["src"], r["subject"])
+        prompt, target = r[prompt_key], r[target_key]
+        positions = subject_positions(tok, prompt, r["subject"])
         for layer in args.layers or range(model.config.num_hidden_layers):
             for where in args.positions:
-                rows.setdefault((layer, where), []).append(probe(model, tok, r["src"], r["alt"], layer, positions[where], args.steps, args.lr))
-    print(f"{len(records)} requests, {args.steps} Adam steps (lr {args.lr}), δ unconstrained")
+                rows.setdefault((layer, where), []).append(probe(model, tok, prompt, target, layer, positions[where], args.steps, args.lr))
+    print(f"{len(records)} {args.dataset} requests, {args.steps} Adam steps (lr {args.lr}), δ unconstrained")
     print("| layer | δ at | target NLL before | after | token accuracy after |\n|---|---|---|---|---|")
     for (layer, where), vals in sorted(rows.items()):
         before, after, acc = (sum(v[i] for v in vals) / len(vals) for i in range(3))
