@@ -45,3 +45,9 @@ def test_profiles_read_a_fact_after_all_of_its_subjects_other_facts(build):
     # a subject with one fact, and a fact without a subject, stay as they are
     assert out[3] == facts[3] and out[4] == facts[4]
     assert build.epoch_facts(facts, 0.0, 0.0, random.Random(0)) is facts
+
+
+def test_an_unknown_corpus_group_is_refused_by_name(build, shared_data):
+    args = build.parse_args(["--data-dir", str(shared_data), "--groups", "zsre_tune_src", "zsre_tune_lco"])
+    with pytest.raises(SystemExit, match=r"unknown group\(s\) \['zsre_tune_lco'\]"):
+        build.build_corpus(args.data_dir, args)
