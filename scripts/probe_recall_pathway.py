@@ -77,7 +77,7 @@ def subject_positions(tok, prompt: str, subject: str) -> dict[str, int | list[in
 
     first, last = holding(start), holding(start + len(subject) - 1)
     return {"subject_first": first, "subject_last": last, "all_subject": list(range(first, last + 1)),
-            "after_subject": last + 1, "prompt_last": len(tok(prompt)["input_ids"]) - 1}
+            "after_subject": last + 1, "prompt_last": len(spans) - 1}
 
 
 def main(argv=None) -> int:
