@@ -129,8 +129,10 @@ def test_calibrate_cli_writes_the_file_and_refuses_uncalibrated_methods(tmp_path
     out = tmp_path / "cal.yaml"
     base = [sys.executable, "-m", "wise_bench.calibrate", "model=tiny_random", f"data_dir={data_dir}",
             "dataset=zsre", "num_edits=3", f"out={out}", f"hydra.run.dir={tmp_path}/run"]
-    done = subprocess.run(base + ["method=grace"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(base + ["method=grace", "method.n_iter=7"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # The recorded command names the method setting it was measured with.
+    assert "method=grace dataset=zsre num_edits=3 'method.n_iter=7'" in out.read_text()
     # The file holds the radius GRACE's calibration measures in-process on the same three requests.
     model, tok = tiny
     cfg = compose([f"data_dir={data_dir}", "dataset=zsre", "num_edits=3", "method=grace"])

@@ -15,8 +15,10 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from wise_bench.config import REPO_ROOT, register_configs
@@ -46,7 +48,9 @@ def write_block(path: Path, method: str, block: str) -> None:
     path.write_text(header + "".join(b if b.endswith("\n\n") else b + "\n" for b in body).rstrip() + "\n", encoding="utf-8")
 
 
-def calibrate(cfg: DictConfig) -> dict:
+def calibrate(cfg: DictConfig, settings: Sequence[str] = ()) -> dict:
+    """Measure, write ``cfg.out`` and return the values; ``settings`` are the command line's method and
+    model overrides, recorded with the values since they change what is measured."""
     from wise_bench.data import load_dataset
     from wise_bench.loop import method_config
     from wise_bench.methods import METHODS, EditContext
@@ -64,7 +68,7 @@ def calibrate(cfg: DictConfig) -> dict:
     ctx = EditContext(tokenizer, dataset.train_texts, input_device(model), cfg.seed)
     result = cls.calibrate(method_cfg, model, ctx, dataset.requests)
     command = f"python -m wise_bench.calibrate model={cfg.model.name} method={cfg.method.name} " \
-              f"dataset={cfg.dataset.name} num_edits={cfg.num_edits}"
+              f"dataset={cfg.dataset.name} num_edits={cfg.num_edits}" + "".join(f" '{o}'" for o in settings)
     write_block(Path(cfg.out), cfg.method.name, method_block(cfg.method.name, result.values, result.measured, command))
     log.info("measured: %s", result.measured)
     log.info("wrote %s to %s", result.values, cfg.out)
@@ -74,7 +78,8 @@ def calibrate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="calibrate")  # absolute: console script
 def main(cfg: DictConfig) -> None:
     try:
-        calibrate(cfg)
+        overrides = HydraConfig.get().overrides.task
+        calibrate(cfg, [o for o in overrides if o.lstrip("+~").startswith(("method.", "model.", "seed="))])
     except UserError as e:
         log.error("%s", e)
         sys.exit(2)
