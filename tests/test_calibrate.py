@@ -15,7 +15,7 @@ from wise_bench.loop import method_config
 from wise_bench.methods import METHODS, EditContext
 from wise_bench.methods.grace import GRACEConfig
 from wise_bench.methods.rome import locate
-from wise_bench.methods.wise import WiseConfig, margins_from_probe, routing_ratio
+from wise_bench.methods.wise import OUT_MARGIN_OFF, WiseConfig, margins_from_probe, routing_ratio
 from wise_bench.models import get_module, load_model, load_tokenizer
 
 LAYER = "model.layers[2].mlp.down_proj"
@@ -75,9 +75,19 @@ def test_grace_radius_follows_the_activation_scale():
     assert eps30 == pytest.approx(30 * eps1, rel=1e-3)
 
 
-def test_wise_margins_keep_the_reference_proportions_of_the_probe_median():
-    # median of [10, 40, 20, 30, 50] = 30: alpha 7.5, beta 30, gamma 15 (the reference's 5:20:10)
-    assert margins_from_probe(torch.tensor([10.0, 40.0, 20.0, 30.0, 50.0])) == [7.5, 30.0, 15.0]
+def test_wise_margins_keep_the_reference_proportions_while_irrelevant_texts_stay_quiet():
+    # median of [10, 40, 20, 30, 50] = 30: alpha 7.5, beta 30, gamma 15 (the reference's 5:20:10),
+    # as long as the irrelevant texts' median after the edits (7.0 here) is at most alpha.
+    in_scope = torch.tensor([10.0, 40.0, 20.0, 30.0, 50.0])
+    assert margins_from_probe(in_scope, torch.tensor([1.0, 7.0, 9.0])) == [7.5, 30.0, 15.0]
+    assert margins_from_probe(in_scope, torch.tensor([1.0, 7.5, 9.0])) == [7.5, 30.0, 15.0]  # the boundary
+
+
+def test_wise_margins_turn_l_out_off_and_route_by_the_gap_when_edits_make_irrelevant_texts_loud():
+    in_scope = torch.tensor([10.0, 40.0, 20.0, 30.0, 50.0])
+    # irrelevant scores 0, 1, ..., 100: median 50 > alpha 7.5; their 99% quantile is 99 (linear
+    # interpolation at position 0.99 x 100), which becomes gamma; beta stays the probe median.
+    assert margins_from_probe(in_scope, torch.arange(101, dtype=torch.float32)) == [OUT_MARGIN_OFF, 30.0, 99.0]
 
 
 def test_wise_ratio_is_the_smallest_that_keeps_99pct_of_irrelevant_texts_out():
@@ -99,7 +109,11 @@ def test_wise_calibration_runs_its_probes_on_a_model():
     result = METHODS["wise"].calibrate(cfg, model, EditContext(tok, texts, torch.device("cpu"), 0), REQS)
     margins, m = result.values["wise_act_margin"], result.measured
     beta = margins[1]
-    assert beta == pytest.approx(m["probe_in_scope_score_median"], rel=1e-3) and margins == pytest.approx([beta / 4, beta, beta / 2], rel=1e-3)
+    assert beta == pytest.approx(m["probe_in_scope_score_median"], rel=1e-3)
+    if m["unrouted_irrelevant_score_median"] <= beta / 4:
+        assert m["l_out"] == "on" and margins == pytest.approx([beta / 4, beta, beta / 2], rel=1e-3)
+    else:
+        assert m["l_out"] == "off" and margins == pytest.approx([OUT_MARGIN_OFF, beta, m["unrouted_irrelevant_score_q99"]], rel=1e-3)
     assert 0.3 <= result.values["wise_act_ratio"] <= 0.95
     assert m["irrelevant_routed_at_ratio"] <= 0.01 or result.values["wise_act_ratio"] == 0.95
     # The probes leave the model as it was.

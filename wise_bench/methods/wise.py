@@ -331,11 +331,23 @@ def scoring_batch(rows: Sequence[Sequence[int]], pad_id: int, device) -> TokenBa
     return TokenBatch.build([Encoded(tuple(r), ()) for r in rows], pad_id, device)
 
 
-def margins_from_probe(in_scope: torch.Tensor) -> list[float]:
-    """(alpha, beta, gamma): beta = the median in-scope score of edits made without routing terms;
-    alpha and gamma in the reference's proportions to it (5 : 20 : 10)."""
+OUT_MARGIN_OFF = 1e9  # an alpha no score reaches: L_out never acts
+
+
+def margins_from_probe(in_scope: torch.Tensor, irrelevant: torch.Tensor) -> list[float]:
+    """(alpha, beta, gamma) from edits made without routing terms.
+
+    beta = the median in-scope score such an edit reaches (``in_scope``, one edit each from the unedited
+    model). If the irrelevant texts' scores after those edits in sequence (``irrelevant``) stay below
+    beta / 4 at their median, alpha and gamma keep the reference's proportions (5 : 20 : 10). If not,
+    edits by themselves make unrelated text louder than alpha, so L_out could only be met by undoing
+    them: it would act at every step of every edit (on `small` it cost a third of Rel after 250 edits,
+    docs/wise.md). Then L_out is off and gamma = the 99% quantile of those irrelevant scores, so edit
+    rows are kept that far above their irrelevant row instead (routing by the gap)."""
     beta = float(in_scope.float().median())
-    return [float(f"{beta / k:.4g}") for k in (4, 1, 2)]
+    if float(irrelevant.float().median()) <= beta / 4:
+        return [float(f"{beta / k:.4g}") for k in (4, 1, 2)]
+    return [OUT_MARGIN_OFF, float(f"{beta:.4g}"), float(f"{float(irrelevant.float().quantile(0.99)):.4g}")]
 
 
 def routing_ratio(irrelevant: torch.Tensor, floor: float, max_routed: float = 0.01) -> float:
@@ -466,31 +478,40 @@ class WISE(SideMemoryEditor):
         """Margins and act_ratio from the activation scores edits produce on this model.
 
         1. Probe edits with the edit loss alone (routing terms off), one request each from the
-           unedited model: beta = the median in-scope score such an edit reaches by itself;
-           alpha and gamma keep the reference's proportions (5 : 20 : 10).
+           unedited model: beta = the median in-scope score such an edit reaches by itself. The same
+           edits in sequence, then the requests' irrelevant texts scored: alpha and gamma follow from
+           both (``margins_from_probe``: the reference's proportions, or L_out off and a gap).
         2. A sequential run with those margins on the same requests: act_ratio is the smallest ratio
            (0.30-0.95, steps of 0.05) whose threshold (ratio x the smallest in-scope score) keeps at
            least 99% of the requests' irrelevant texts on the main memory; paraphrases above it are
            what Gen can reach."""
         tok = ctx.tokenizer
-        probe = cls(OmegaConf.merge(cfg, {"act_margin": [1e9, -1e9, -1e9]}), model, ctx)  # hinge terms never active
+        probe = cls(OmegaConf.merge(cfg, {"act_margin": [OUT_MARGIN_OFF, -1e9, -1e9]}), model, ctx)  # no routing term acts
         natural = []
         for r in requests:
             natural.append(probe.edit([r])["score"])
             probe.restore()
+        irrelevant_pairs = [encode_pair(tok, r.loc_prompt, r.loc_answer) for r in requests]
+        for r in requests:
+            probe.edit([r])
+        unrouted = probe.side_memory_scores(irrelevant_pairs)
+        probe.restore()
         natural = torch.tensor(natural)
-        margins = margins_from_probe(natural)
+        margins = margins_from_probe(natural, unrouted)
 
         run = cls(OmegaConf.merge(cfg, {"act_margin": margins}), model, ctx)
         for r in requests:
             run.edit([r])
         floor = run.layer.bank.side_min
-        irrelevant = run.side_memory_scores([encode_pair(tok, r.loc_prompt, r.loc_answer) for r in requests])
+        irrelevant = run.side_memory_scores(irrelevant_pairs)
         para = run.side_memory_scores([encode_pair(tok, r.rephrase_prompt, r.target_new) for r in requests if r.rephrase_prompt])
         run.restore()
         ratio = routing_ratio(irrelevant, floor)
-        measured = {"requests": len(requests), "probe_in_scope_score_median": margins[1],
+        measured = {"requests": len(requests), "probe_in_scope_score_median": float(natural.median()),
                     "probe_in_scope_score_q10": float(natural.quantile(0.1)),
+                    "unrouted_irrelevant_score_median": float(unrouted.median()),
+                    "unrouted_irrelevant_score_q99": float(unrouted.quantile(0.99)),
+                    "l_out": "on" if margins[0] < OUT_MARGIN_OFF else "off",
                     "sequential_min_in_scope_score": floor,
                     "irrelevant_score_q99": float(irrelevant.quantile(0.99)),
                     "irrelevant_routed_at_ratio": float((irrelevant >= ratio * floor).float().mean())}
