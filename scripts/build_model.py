@@ -159,9 +159,10 @@ def build_corpus(data_dir: Path, args) -> tuple[list[Fact], dict]:
                      for p in cf_statements(r, templates, args.cf_templates, rng, with_rephrase=True)]),
     ]
     if args.groups:
-        unknown = sorted(set(args.groups) - {name for name, _ in groups})
+        names = [name for name, _ in groups]
+        unknown = sorted(set(args.groups) - set(names))
         if unknown:
-            raise SystemExit(f"--groups: unknown group(s) {unknown}; the groups are {[name for name, _ in groups]}")
+            raise SystemExit(f"--groups: unknown group(s) {unknown}; the groups are {names}")
         groups = [(name, items) for name, items in groups if name in args.groups]
     if args.subject_relations:
         pools: dict[str, list[str]] = {}

@@ -344,10 +344,13 @@ def margins_from_probe(in_scope: torch.Tensor, irrelevant: torch.Tensor) -> list
     them: it would act at every step of every edit (on `small` that erased earlier edits: Rel .873
     against .967 after 150 sequential edits, docs/wise.md). Then L_out is off and gamma = the 99% quantile of those irrelevant scores, so edit
     rows are kept that far above their irrelevant row instead (routing by the gap)."""
+    def four_digits(x: float) -> float:
+        return float(f"{x:.4g}")
+
     beta = float(in_scope.float().median())
     if float(irrelevant.float().median()) <= beta / 4:
-        return [float(f"{beta / k:.4g}") for k in (4, 1, 2)]
-    return [OUT_MARGIN_OFF, float(f"{beta:.4g}"), float(f"{float(irrelevant.float().quantile(0.99)):.4g}")]
+        return [four_digits(beta / k) for k in (4, 1, 2)]
+    return [OUT_MARGIN_OFF, four_digits(beta), four_digits(float(irrelevant.float().quantile(0.99)))]
 
 
 def routing_ratio(irrelevant: torch.Tensor, floor: float, max_routed: float = 0.01) -> float:
