@@ -341,9 +341,9 @@ def margins_from_probe(in_scope: torch.Tensor, irrelevant: torch.Tensor) -> list
     model). If the irrelevant texts' scores after those edits in sequence (``irrelevant``) stay below
     beta / 4 at their median, alpha and gamma keep the reference's proportions (5 : 20 : 10). If not,
     edits by themselves make unrelated text louder than alpha, so L_out could only be met by undoing
-    them: it would act at every step of every edit (on `small` that erased earlier edits: Rel .873
-    against .967 after 150 sequential edits, docs/wise.md). Then L_out is off and gamma = the 99% quantile of those irrelevant scores, so edit
-    rows are kept that far above their irrelevant row instead (routing by the gap)."""
+    them: it would act at every step of every edit (on `small` that erased earlier edits, docs/wise.md).
+    Then L_out is off and gamma = the 99% quantile of those irrelevant scores, so edit rows are kept
+    that far above their irrelevant row instead (routing by the gap)."""
     def four_digits(x: float) -> float:
         return float(f"{x:.4g}")
 
